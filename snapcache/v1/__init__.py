@@ -1,0 +1,1 @@
+"""Generated from protos/snapcache/v1. Do not edit."""
