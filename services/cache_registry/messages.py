@@ -1,0 +1,161 @@
+"""Conversions between `snapcache.v1` protos and the registry's domain values (the edge only)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf import timestamp_pb2
+
+from services.cache_registry.model import (
+    BuildPhase,
+    CacheEvent,
+    CacheSpec,
+    CacheState,
+    CredentialRef,
+    Disk,
+    EventType,
+    ImageCache,
+    ZoneState,
+)
+from snapcache.v1 import image_cache_pb2 as pb
+
+_STATE = {
+    CacheState.CREATING: pb.ImageCache.CREATING,
+    CacheState.READY: pb.ImageCache.READY,
+    CacheState.UPDATING: pb.ImageCache.UPDATING,
+    CacheState.FAILED: pb.ImageCache.FAILED,
+    CacheState.UPDATE_FAILED: pb.ImageCache.UPDATE_FAILED,
+    CacheState.DELETING: pb.ImageCache.DELETING,
+    CacheState.EXPIRED: pb.ImageCache.EXPIRED,
+}
+_ZONE_STATE = {
+    ZoneState.HYDRATING: pb.ZoneAvailability.HYDRATING,
+    ZoneState.AVAILABLE: pb.ZoneAvailability.AVAILABLE,
+    ZoneState.UNAVAILABLE: pb.ZoneAvailability.UNAVAILABLE,
+}
+_PHASE = {
+    BuildPhase.NONE: pb.BuildProgress.PHASE_UNSPECIFIED,
+    BuildPhase.QUEUED: pb.BuildProgress.QUEUED,
+    BuildPhase.PULLING: pb.BuildProgress.PULLING,
+    BuildPhase.SNAPSHOTTING: pb.BuildProgress.SNAPSHOTTING,
+    BuildPhase.RELEASING_BUILDER: pb.BuildProgress.RELEASING_BUILDER,
+    BuildPhase.DONE: pb.BuildProgress.DONE,
+}
+_EVENT_TYPE = {EventType.NORMAL: pb.ImageCacheEvent.NORMAL, EventType.WARNING: pb.ImageCacheEvent.WARNING}
+
+
+def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    """A proto Timestamp, or None for an unset time."""
+    if value is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def spec_from_proto(message: pb.ImageCache) -> CacheSpec:
+    """The user-settable fields of an ImageCache message."""
+    refs = []
+    for ref in message.registry_credentials:
+        refs.append(CredentialRef(secret=ref.secret, docker_config_path=ref.docker_config_path))
+    return CacheSpec(
+        images=tuple(message.images),
+        cache_size_gib=message.cache_size_gib,
+        retention_days=message.retention_days,
+        display_name=message.display_name,
+        labels=tuple(sorted(message.labels.items())),
+        registry_credentials=tuple(refs),
+        plain_http_registries=tuple(message.plain_http_registries),
+        insecure_registries=tuple(message.insecure_registries),
+        platform=message.platform,
+        zones=tuple(message.zones),
+    )
+
+
+def cache_to_proto(cache: ImageCache) -> pb.ImageCache:
+    """The full ImageCache message of a cache."""
+    spec = cache.spec
+    message = pb.ImageCache(
+        name=cache.name,
+        display_name=spec.display_name,
+        labels=dict(spec.labels),
+        images=list(spec.images),
+        cache_size_gib=spec.cache_size_gib,
+        retention_days=spec.retention_days,
+        expire_time=timestamp(cache.expire_time),
+        registry_credentials=[
+            pb.RegistryCredentialRef(secret=r.secret)
+            if r.secret
+            else pb.RegistryCredentialRef(docker_config_path=r.docker_config_path)
+            for r in spec.registry_credentials
+        ],
+        plain_http_registries=list(spec.plain_http_registries),
+        insecure_registries=list(spec.insecure_registries),
+        platform=spec.platform,
+        zones=list(spec.zones),
+        state=_STATE[cache.state],
+        state_message=cache.state_message,
+        state_reason=cache.state_reason,
+        progress=pb.BuildProgress(
+            phase=_PHASE[cache.progress.phase],
+            bytes_done=cache.progress.bytes_done,
+            bytes_total=cache.progress.bytes_total,
+            attempt=cache.progress.attempt,
+        ),
+        cached_images=[
+            pb.CachedImage(
+                image=i.image,
+                normalized_image=i.normalized_image,
+                manifest_digest=i.manifest_digest,
+                index_digest=i.index_digest,
+                platform=i.platform,
+                compressed_bytes=i.compressed_bytes,
+                uncompressed_bytes=i.uncompressed_bytes,
+                layer_count=i.layer_count,
+            )
+            for i in cache.cached_images
+        ],
+        zone_availability=[
+            pb.ZoneAvailability(
+                zone=z.zone,
+                state=_ZONE_STATE[z.state],
+                message=z.message,
+                update_time=timestamp(z.update_time),
+            )
+            for z in cache.zones
+        ],
+        snapshot_size_bytes=cache.snapshot_size_bytes,
+        disk_count=cache.disk_count,
+        create_time=timestamp(cache.create_time),
+        update_time=timestamp(cache.update_time),
+        ready_time=timestamp(cache.ready_time),
+        last_matched_time=timestamp(cache.last_matched_time),
+        match_count=cache.match_count,
+        etag=cache.etag,
+        revision=cache.revision,
+    )
+    return message
+
+
+def event_to_proto(event: CacheEvent) -> pb.ImageCacheEvent:
+    """An ImageCacheEvent message."""
+    return pb.ImageCacheEvent(
+        sequence=event.sequence,
+        time=timestamp(event.time),
+        type=_EVENT_TYPE[event.type],
+        reason=event.reason,
+        message=event.message,
+        attributes=dict(event.attributes),
+    )
+
+
+def disk_to_proto(disk: Disk) -> pb.Disk:
+    """A Disk message."""
+    return pb.Disk(
+        name=disk.name,
+        zone=disk.zone,
+        location=disk.location,
+        snapshot_id=disk.snapshot_id,
+        holder=disk.holder,
+        create_time=timestamp(disk.create_time),
+    )

@@ -1,0 +1,607 @@
+"""Data access for the registry: tables and keyword-only functions over a caller's session.
+
+No function here commits: the use case owns the transaction (one per use case).
+
+Layout: each cache is one row whose `doc` column holds the whole domain value as JSON, plus the
+columns that queries need (state, expiry, lease, version...). Filters use `cache_terms`
+(image and label terms, indexed) so List pages cost the same at 100 or 100,000 caches.
+The change feed (`changes`) stores each version of a cache under a revision taken from a
+single counter row; updating that row inside the writing transaction serializes writers, so
+revisions are gap-free and in commit order on SQLite and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import JSON, Column
+from sqlmodel import Field, Session, SQLModel, col, delete, func, select, update
+
+from services.cache_registry.filtering import CacheFilter
+from services.cache_registry.model import (
+    BuildPhase,
+    BuildProgress,
+    CachedImage,
+    CacheEvent,
+    CacheId,
+    CacheSpec,
+    CacheState,
+    Change,
+    ChangeType,
+    CredentialRef,
+    Disk,
+    DiskId,
+    EventType,
+    ImageCache,
+    ZoneAvailability,
+    ZoneState,
+)
+from snapcache.errors import Aborted
+from snapcache.images import parse_image_reference
+
+UtcDateTime = sa.DateTime(timezone=True)
+
+
+class CacheRow(SQLModel, table=True):
+    """One image cache."""
+
+    __tablename__ = "image_caches"
+    id: str = Field(primary_key=True, max_length=32)
+    doc: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    state: str = Field(max_length=16, index=True)
+    version: int
+    revision: int
+    expire_time: datetime | None = Field(default=None, sa_type=UtcDateTime, index=True)
+    zones_pending: bool = Field(default=False, index=True)
+    next_attempt_time: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    lease_owner: str = Field(default="", max_length=128)
+    lease_expire_time: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    last_event_sequence: int = 0
+
+
+class CacheTermRow(SQLModel, table=True):
+    """An indexed term of a cache for List filters: ("image", normalized) or ("label", "k=v")."""
+
+    __tablename__ = "cache_terms"
+    __table_args__ = (sa.Index("ix_cache_terms_lookup", "kind", "value", "cache_id"),)
+    cache_id: str = Field(primary_key=True, foreign_key="image_caches.id", ondelete="CASCADE")
+    kind: str = Field(primary_key=True, max_length=8)
+    value: str = Field(primary_key=True, max_length=512)
+
+
+class EventRow(SQLModel, table=True):
+    """One entry of a cache's event log."""
+
+    __tablename__ = "cache_events"
+    cache_id: str = Field(primary_key=True, foreign_key="image_caches.id", ondelete="CASCADE")
+    sequence: int = Field(primary_key=True)
+    time: datetime = Field(sa_type=UtcDateTime)
+    type: str = Field(max_length=8)
+    reason: str = Field(max_length=64)
+    message: str
+    attributes: dict[str, str] = Field(sa_column=Column(JSON, nullable=False))
+
+
+class DiskRow(SQLModel, table=True):
+    """A live disk provisioned from a cache's snapshot."""
+
+    __tablename__ = "disks"
+    id: str = Field(primary_key=True, max_length=64)
+    cache_id: str = Field(foreign_key="image_caches.id", index=True)
+    zone: str = Field(max_length=64)
+    location: str
+    snapshot_id: str = Field(max_length=128)
+    holder: str = Field(default="", max_length=256)
+    create_time: datetime = Field(sa_type=UtcDateTime)
+
+
+class ChangeRow(SQLModel, table=True):
+    """One entry of the change feed."""
+
+    __tablename__ = "changes"
+    revision: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    cache_id: str = Field(max_length=32, index=True)
+    type: str = Field(max_length=8)
+    doc: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    time: datetime = Field(sa_type=UtcDateTime)
+
+
+class CounterRow(SQLModel, table=True):
+    """Named counters; `revision` orders the change feed."""
+
+    __tablename__ = "counters"
+    name: str = Field(primary_key=True, max_length=32)
+    value: int
+
+
+# --- documents -------------------------------------------------------------------------------
+
+
+def _ts(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def utc(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; everything here is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def cache_to_doc(cache: ImageCache) -> dict[str, Any]:
+    """The JSON document of a cache (also the payload of its change-feed entries)."""
+    spec = cache.spec
+    return {
+        "id": cache.cache_id,
+        "spec": {
+            "images": list(spec.images),
+            "cache_size_gib": spec.cache_size_gib,
+            "retention_days": spec.retention_days,
+            "display_name": spec.display_name,
+            "labels": dict(spec.labels),
+            "registry_credentials": [
+                {"secret": r.secret, "docker_config_path": r.docker_config_path}
+                for r in spec.registry_credentials
+            ],
+            "plain_http_registries": list(spec.plain_http_registries),
+            "insecure_registries": list(spec.insecure_registries),
+            "platform": spec.platform,
+            "zones": list(spec.zones),
+        },
+        "state": cache.state.value,
+        "state_reason": cache.state_reason,
+        "state_message": cache.state_message,
+        "progress": {
+            "phase": cache.progress.phase.value,
+            "bytes_done": cache.progress.bytes_done,
+            "bytes_total": cache.progress.bytes_total,
+            "attempt": cache.progress.attempt,
+        },
+        "cached_images": [
+            {
+                "image": i.image,
+                "normalized_image": i.normalized_image,
+                "manifest_digest": i.manifest_digest,
+                "index_digest": i.index_digest,
+                "platform": i.platform,
+                "compressed_bytes": i.compressed_bytes,
+                "uncompressed_bytes": i.uncompressed_bytes,
+                "layer_count": i.layer_count,
+            }
+            for i in cache.cached_images
+        ],
+        "zones": [
+            {"zone": z.zone, "state": z.state.value, "message": z.message, "update_time": _ts(z.update_time)}
+            for z in cache.zones
+        ],
+        "snapshot_id": cache.snapshot_id,
+        "snapshot_size_bytes": cache.snapshot_size_bytes,
+        "build_id": cache.build_id,
+        "disk_count": cache.disk_count,
+        "create_time": _ts(cache.create_time),
+        "update_time": _ts(cache.update_time),
+        "ready_time": _ts(cache.ready_time),
+        "expire_time": _ts(cache.expire_time),
+        "last_matched_time": _ts(cache.last_matched_time),
+        "match_count": cache.match_count,
+        "version": cache.version,
+        "revision": cache.revision,
+    }
+
+
+def cache_from_doc(doc: dict[str, Any]) -> ImageCache:
+    """Inverse of `cache_to_doc`."""
+    spec = doc["spec"]
+    progress = doc["progress"]
+    create_time = _dt(doc["create_time"])
+    update_time = _dt(doc["update_time"])
+    assert create_time is not None and update_time is not None
+    return ImageCache(
+        cache_id=CacheId(doc["id"]),
+        spec=CacheSpec(
+            images=tuple(spec["images"]),
+            cache_size_gib=spec["cache_size_gib"],
+            retention_days=spec["retention_days"],
+            display_name=spec["display_name"],
+            labels=tuple(sorted(spec["labels"].items())),
+            registry_credentials=tuple(CredentialRef(**r) for r in spec["registry_credentials"]),
+            plain_http_registries=tuple(spec["plain_http_registries"]),
+            insecure_registries=tuple(spec["insecure_registries"]),
+            platform=spec["platform"],
+            zones=tuple(spec["zones"]),
+        ),
+        state=CacheState(doc["state"]),
+        state_reason=doc["state_reason"],
+        state_message=doc["state_message"],
+        progress=BuildProgress(
+            phase=BuildPhase(progress["phase"]),
+            bytes_done=progress["bytes_done"],
+            bytes_total=progress["bytes_total"],
+            attempt=progress["attempt"],
+        ),
+        cached_images=tuple(CachedImage(**i) for i in doc["cached_images"]),
+        zones=tuple(
+            ZoneAvailability(
+                zone=z["zone"],
+                state=ZoneState(z["state"]),
+                message=z["message"],
+                update_time=_dt(z["update_time"]) or create_time,
+            )
+            for z in doc["zones"]
+        ),
+        snapshot_id=doc["snapshot_id"],
+        snapshot_size_bytes=doc["snapshot_size_bytes"],
+        build_id=doc["build_id"],
+        disk_count=doc["disk_count"],
+        create_time=create_time,
+        update_time=update_time,
+        ready_time=_dt(doc["ready_time"]),
+        expire_time=_dt(doc["expire_time"]),
+        last_matched_time=_dt(doc["last_matched_time"]),
+        match_count=doc["match_count"],
+        version=doc["version"],
+        revision=doc["revision"],
+    )
+
+
+def _terms(cache: ImageCache) -> list[CacheTermRow]:
+    terms: dict[tuple[str, str], None] = {}
+    for image in cache.spec.images:
+        terms[("image", str(parse_image_reference(image)))] = None
+    for recorded in cache.cached_images:
+        terms[("image", recorded.normalized_image)] = None
+    for key, value in cache.spec.labels:
+        terms[("label", f"{key}={value}")] = None
+    return [CacheTermRow(cache_id=cache.cache_id, kind=k, value=v) for k, v in terms]
+
+
+def _zones_pending(cache: ImageCache) -> bool:
+    return any(z.state is ZoneState.HYDRATING for z in cache.zones)
+
+
+# --- revisions and the change feed ---------------------------------------------------------------
+
+
+def next_revision(session: Session) -> int:
+    """Take the next revision; the row lock this takes orders concurrent writers."""
+    result = session.execute(
+        update(CounterRow)
+        .where(col(CounterRow.name) == "revision")
+        .values(value=CounterRow.value + 1)
+        .returning(col(CounterRow.value))
+    )
+    return int(result.scalar_one())
+
+
+def current_revision(session: Session) -> int:
+    """The newest revision committed (or being written by this session)."""
+    return int(session.exec(select(CounterRow.value).where(col(CounterRow.name) == "revision")).one())
+
+
+def _record_change(session: Session, *, cache: ImageCache, change_type: ChangeType, now: datetime) -> None:
+    session.add(
+        ChangeRow(
+            revision=cache.revision,
+            cache_id=cache.cache_id,
+            type=change_type.value,
+            doc=cache_to_doc(cache),
+            time=now,
+        )
+    )
+
+
+def changes_after(session: Session, *, revision: int, cache_id: str = "", limit: int = 500) -> list[Change]:
+    """Feed entries with a revision above ``revision``, oldest first."""
+    query = select(ChangeRow).where(col(ChangeRow.revision) > revision)
+    if cache_id:
+        query = query.where(col(ChangeRow.cache_id) == cache_id)
+    rows = session.exec(query.order_by(col(ChangeRow.revision)).limit(limit)).all()
+    return [Change(revision=r.revision, type=ChangeType(r.type), cache=cache_from_doc(r.doc)) for r in rows]
+
+
+def oldest_retained_revision(session: Session) -> int:
+    """The lowest revision still in the feed (0 when the feed is empty)."""
+    return int(session.exec(select(func.min(ChangeRow.revision))).one() or 0)
+
+
+def compact_changes(session: Session, *, keep: int) -> int:
+    """Drop all but the newest ``keep`` feed entries; return how many were dropped."""
+    newest = current_revision(session)
+    result = session.execute(delete(ChangeRow).where(col(ChangeRow.revision) <= newest - keep))
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+# --- caches ------------------------------------------------------------------------------------
+
+
+def insert_cache(session: Session, *, cache: ImageCache, now: datetime) -> ImageCache:
+    """Insert a new cache at the next revision; return it as stored."""
+    stored = replace(cache, revision=next_revision(session), version=1)
+    session.add(
+        CacheRow(
+            id=stored.cache_id,
+            doc=cache_to_doc(stored),
+            state=stored.state.value,
+            version=stored.version,
+            revision=stored.revision,
+            expire_time=stored.expire_time,
+            zones_pending=_zones_pending(stored),
+        )
+    )
+    session.add_all(_terms(stored))
+    _record_change(session, cache=stored, change_type=ChangeType.UPSERT, now=now)
+    session.flush()
+    return stored
+
+
+def cache_exists(session: Session, *, cache_id: str) -> bool:
+    """Whether a cache row exists."""
+    return session.exec(select(CacheRow.id).where(col(CacheRow.id) == cache_id)).first() is not None
+
+
+def get_cache(session: Session, *, cache_id: str, for_update: bool = False) -> ImageCache | None:
+    """One cache, or None."""
+    query = select(CacheRow).where(col(CacheRow.id) == cache_id)
+    if for_update:
+        query = query.with_for_update()
+    row = session.exec(query).first()
+    return cache_from_doc(row.doc) if row else None
+
+
+def update_cache(session: Session, *, cache: ImageCache, expected_version: int, now: datetime) -> ImageCache:
+    """Write a new version of a cache if nobody else did since ``expected_version``."""
+    stored = replace(cache, version=expected_version + 1, revision=next_revision(session))
+    result = session.execute(
+        update(CacheRow)
+        .where(col(CacheRow.id) == cache.cache_id, col(CacheRow.version) == expected_version)
+        .values(
+            doc=cache_to_doc(stored),
+            state=stored.state.value,
+            version=stored.version,
+            revision=stored.revision,
+            expire_time=stored.expire_time,
+            zones_pending=_zones_pending(stored),
+        )
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise Aborted(
+            reason="CONCURRENT_UPDATE",
+            message=f"image cache {cache.cache_id} changed concurrently; read it again and retry",
+            metadata={"image_cache": cache.name},
+        )
+    session.execute(delete(CacheTermRow).where(col(CacheTermRow.cache_id) == cache.cache_id))
+    session.add_all(_terms(stored))
+    _record_change(session, cache=stored, change_type=ChangeType.UPSERT, now=now)
+    session.flush()
+    return stored
+
+
+def delete_cache(session: Session, *, cache: ImageCache, now: datetime) -> None:
+    """Remove a cache and everything it owns; record its last version in the feed."""
+    last = replace(cache, revision=next_revision(session))
+    session.execute(delete(CacheTermRow).where(col(CacheTermRow.cache_id) == cache.cache_id))
+    session.execute(delete(EventRow).where(col(EventRow.cache_id) == cache.cache_id))
+    session.execute(delete(DiskRow).where(col(DiskRow.cache_id) == cache.cache_id))
+    session.execute(delete(CacheRow).where(col(CacheRow.id) == cache.cache_id))
+    _record_change(session, cache=last, change_type=ChangeType.DELETE, now=now)
+
+
+def list_caches(session: Session, *, after_id: str, limit: int, where: CacheFilter) -> list[ImageCache]:
+    """A page of caches in id order after ``after_id`` (keyset pagination)."""
+    query = select(CacheRow.doc).where(col(CacheRow.id) > after_id)
+    if where.states:
+        query = query.where(col(CacheRow.state).in_([s.value for s in where.states]))
+    terms = [("image", where.image)] if where.image else []
+    terms += [("label", f"{k}={v}") for k, v in where.labels]
+    for kind, value in terms:
+        query = query.where(
+            sa.exists().where(
+                col(CacheTermRow.cache_id) == col(CacheRow.id),
+                col(CacheTermRow.kind) == kind,
+                col(CacheTermRow.value) == value,
+            )
+        )
+    docs = session.exec(query.order_by(col(CacheRow.id)).limit(limit)).all()
+    return [cache_from_doc(doc) for doc in docs]
+
+
+def all_cache_ids(session: Session) -> set[str]:
+    """Every cache id (for reconcile passes)."""
+    return set(session.exec(select(CacheRow.id)).all())
+
+
+def snapshot_ids_in_use(session: Session) -> set[str]:
+    """Snapshot ids referenced by any cache or disk (for reconcile passes)."""
+    found = {cache_from_doc(doc).snapshot_id for doc in session.exec(select(CacheRow.doc)).all()}
+    found |= set(session.exec(select(DiskRow.snapshot_id)).all())
+    found.discard("")
+    return found
+
+
+# --- work selection and leases ----------------------------------------------------------------
+
+
+def claim_lease(session: Session, *, cache_id: str, owner: str, now: datetime, until: datetime) -> bool:
+    """Take or renew the work lease of a cache if it is free, expired or already ours."""
+    result = session.execute(
+        update(CacheRow)
+        .where(
+            col(CacheRow.id) == cache_id,
+            sa.or_(
+                col(CacheRow.lease_owner) == "",
+                col(CacheRow.lease_owner) == owner,
+                col(CacheRow.lease_expire_time) < now,
+            ),
+        )
+        .values(lease_owner=owner, lease_expire_time=until)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def release_lease(session: Session, *, cache_id: str, owner: str) -> None:
+    """Give a lease back (no-op if it is not ours)."""
+    session.execute(
+        update(CacheRow)
+        .where(col(CacheRow.id) == cache_id, col(CacheRow.lease_owner) == owner)
+        .values(lease_owner="", lease_expire_time=None)
+    )
+
+
+def set_next_attempt(session: Session, *, cache_id: str, at: datetime | None) -> None:
+    """When the worker may retry a build that failed transiently."""
+    session.execute(update(CacheRow).where(col(CacheRow.id) == cache_id).values(next_attempt_time=at))
+
+
+def caches_needing_work(session: Session, *, now: datetime, owner: str, limit: int = 50) -> list[str]:
+    """Ids of caches with lifecycle work due whose lease is free, expired or ours."""
+    lease_free = sa.or_(
+        col(CacheRow.lease_owner) == "",
+        col(CacheRow.lease_owner) == owner,
+        col(CacheRow.lease_expire_time) < now,
+    )
+    due = sa.or_(col(CacheRow.next_attempt_time).is_(None), col(CacheRow.next_attempt_time) <= now)
+    work = sa.or_(
+        col(CacheRow.state).in_(
+            [CacheState.CREATING.value, CacheState.UPDATING.value, CacheState.DELETING.value]
+        ),
+        col(CacheRow.zones_pending).is_(True),
+        sa.and_(
+            col(CacheRow.expire_time) <= now,
+            col(CacheRow.state).notin_([CacheState.EXPIRED.value, CacheState.DELETING.value]),
+        ),
+    )
+    query = select(CacheRow.id).where(lease_free, due, work).order_by(col(CacheRow.id)).limit(limit)
+    return list(session.exec(query).all())
+
+
+def caches_in_states(
+    session: Session, *, states: Iterable[CacheState], updated_before: datetime | None = None
+) -> list[ImageCache]:
+    """Caches in any of ``states``, optionally last changed before a time."""
+    docs = session.exec(select(CacheRow.doc).where(col(CacheRow.state).in_([s.value for s in states]))).all()
+    caches = [cache_from_doc(doc) for doc in docs]
+    if updated_before is not None:
+        caches = [c for c in caches if c.update_time < updated_before]
+    return caches
+
+
+# --- events ------------------------------------------------------------------------------------
+
+
+def append_event(
+    session: Session,
+    *,
+    cache_id: str,
+    now: datetime,
+    type: EventType,
+    reason: str,
+    message: str,
+    attributes: dict[str, str] | None = None,
+) -> int:
+    """Append to a cache's event log; return the event's sequence number."""
+    result = session.execute(
+        update(CacheRow)
+        .where(col(CacheRow.id) == cache_id)
+        .values(last_event_sequence=CacheRow.last_event_sequence + 1)
+        .returning(col(CacheRow.last_event_sequence))
+    )
+    sequence = int(result.scalar_one())
+    session.add(
+        EventRow(
+            cache_id=cache_id,
+            sequence=sequence,
+            time=now,
+            type=type.value,
+            reason=reason,
+            message=message,
+            attributes=attributes or {},
+        )
+    )
+    return sequence
+
+
+def list_events(session: Session, *, cache_id: str, after_sequence: int, limit: int) -> list[CacheEvent]:
+    """A page of a cache's events in order."""
+    rows = session.exec(
+        select(EventRow)
+        .where(col(EventRow.cache_id) == cache_id, col(EventRow.sequence) > after_sequence)
+        .order_by(col(EventRow.sequence))
+        .limit(limit)
+    ).all()
+    return [
+        CacheEvent(
+            sequence=r.sequence,
+            time=utc(r.time) or r.time,
+            type=EventType(r.type),
+            reason=r.reason,
+            message=r.message,
+            attributes=tuple(sorted(r.attributes.items())),
+        )
+        for r in rows
+    ]
+
+
+# --- disks -------------------------------------------------------------------------------------
+
+
+def _disk(row: DiskRow) -> Disk:
+    return Disk(
+        disk_id=DiskId(row.id),
+        cache_id=CacheId(row.cache_id),
+        zone=row.zone,
+        location=row.location,
+        snapshot_id=row.snapshot_id,
+        holder=row.holder,
+        create_time=utc(row.create_time) or row.create_time,
+    )
+
+
+def insert_disk(session: Session, *, disk: Disk) -> None:
+    """Record a provisioned disk."""
+    session.add(
+        DiskRow(
+            id=disk.disk_id,
+            cache_id=disk.cache_id,
+            zone=disk.zone,
+            location=disk.location,
+            snapshot_id=disk.snapshot_id,
+            holder=disk.holder,
+            create_time=disk.create_time,
+        )
+    )
+    session.flush()
+
+
+def get_disk(session: Session, *, disk_id: str) -> Disk | None:
+    """One disk, or None."""
+    row = session.get(DiskRow, disk_id)
+    return _disk(row) if row else None
+
+
+def delete_disk(session: Session, *, disk_id: str) -> bool:
+    """Forget a disk; False if it was not recorded."""
+    result = session.execute(delete(DiskRow).where(col(DiskRow.id) == disk_id))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def list_disks(session: Session, *, cache_id: str | None = None) -> list[Disk]:
+    """Live disks of a cache, or of all caches."""
+    query = select(DiskRow)
+    if cache_id is not None:
+        query = query.where(col(DiskRow.cache_id) == cache_id)
+    return [_disk(r) for r in session.exec(query.order_by(col(DiskRow.id))).all()]
+
+
+def count_disks(session: Session, *, cache_id: str) -> int:
+    """Number of live disks of a cache."""
+    return int(
+        session.exec(select(func.count()).select_from(DiskRow).where(col(DiskRow.cache_id) == cache_id)).one()
+    )

@@ -1,0 +1,644 @@
+"""The lifecycle worker: builds, zone hydration, expiry, deletion, clean-up of failed caches.
+
+Work is found in the database, not in memory, so it survives restarts: a cache in CREATING with no
+live lease is built (again), resuming from the blobs its builder disk already holds. Each piece of
+work is claimed with a lease on the cache row (owner + expiry, renewed while the work runs), so two
+workers on one database never build the same cache; a worker that dies loses its lease when it
+expires and another takes over.
+
+Every long provider call happens outside a transaction; results are written back guarded by the
+cache's build id, so a build overtaken by a newer spec or a delete is discarded, never applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from services.cache_registry import lifecycle, store
+from services.cache_registry.database import Database
+from services.cache_registry.feed import CommitSignal
+from services.cache_registry.lifecycle import Trigger
+from services.cache_registry.model import (
+    BuildPhase,
+    BuildProgress,
+    CachedImage,
+    CacheId,
+    CacheState,
+    CredentialRef,
+    EventType,
+    ImageCache,
+    ZoneAvailability,
+    ZoneState,
+)
+from services.cache_registry.provider import (
+    BuildFailure,
+    Platform,
+    Provider,
+    PullOptions,
+    PullProgress,
+    RegistryCredential,
+)
+from services.cache_registry.service import Clock, target_zones
+from snapcache.errors import SnapcacheError
+from snapcache.images import parse_image_reference
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+CredentialResolver = Callable[[Sequence[CredentialRef]], Mapping[str, RegistryCredential]]
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Tunables of background lifecycle work."""
+
+    owner: str  # this worker's identity in leases (host/pid/random)
+    lease_seconds: float = 30.0
+    poll_seconds: float = 2.0
+    max_concurrent_builds: int = 2
+    max_build_attempts: int = 3  # transient failures (registry unreachable) retry with backoff
+    retry_base_seconds: float = 2.0
+    failed_cache_ttl: timedelta = timedelta(hours=24)  # ECI keeps failed caches 24 h
+    change_log_keep: int = 100_000
+    progress_interval_seconds: float = 0.5
+    orphan_grace_seconds: float = 60.0
+
+
+class _LeaseLost(Exception):
+    pass
+
+
+class LifecycleWorker:
+    """Runs lifecycle work in background threads until stopped."""
+
+    def __init__(
+        self,
+        *,
+        database: Database,
+        provider: Provider,
+        signal: CommitSignal,
+        clock: Clock,
+        settings: WorkerSettings,
+        resolve_credentials: CredentialResolver,
+    ) -> None:
+        self._db = database
+        self._provider = provider
+        self._signal = signal
+        self._clock = clock
+        self._settings = settings
+        self._resolve_credentials = resolve_credentials
+        self._zones = tuple(z.name for z in provider.zones())
+        self._pool = ThreadPoolExecutor(
+            max_workers=settings.max_concurrent_builds, thread_name_prefix="build"
+        )
+        self._running: dict[str, Future[None]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._orphans_seen: dict[str, float] = {}
+        self._last_housekeeping = 0.0
+
+    # --- running -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Reconcile with the provider, then start the loop thread."""
+        self.reconcile(startup=True)
+        self._thread = threading.Thread(target=self._loop, name="lifecycle", daemon=True)
+        self._thread.start()
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        """Stop taking work and wait for running work (which stops at its next check)."""
+        self._stop.set()
+        self._signal.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            seen = self._signal.generation
+            try:
+                self.run_once()
+            except SnapcacheError as exc:
+                log.warning("lifecycle pass failed: %s", exc.message)
+            except Exception:
+                log.exception("lifecycle pass failed")
+            self._signal.wait(seen=seen, timeout=self._settings.poll_seconds)
+
+    def run_once(self) -> None:
+        """One pass: start due work, run housekeeping now and then."""
+        self._running = {k: f for k, f in self._running.items() if not f.done()}
+        now = self._clock()
+        with self._db.transaction(write=False) as session:
+            due = store.caches_needing_work(session, now=now, owner=self._settings.owner)
+        for cache_id in due:
+            if cache_id in self._running or self._stop.is_set():
+                continue
+            self._running[cache_id] = self._pool.submit(self._work_on, CacheId(cache_id))
+        if time.monotonic() - self._last_housekeeping > 30:
+            self._last_housekeeping = time.monotonic()
+            self.housekeeping()
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Block until no work is running (tests and the CLI's one-shot mode)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(f.done() for f in self._running.values()):
+                return
+            time.sleep(0.02)
+
+    # --- dispatch ----------------------------------------------------------------------------
+
+    def _work_on(self, cache_id: CacheId) -> None:
+        settings = self._settings
+        now = self._clock()
+        with self._db.transaction() as session:
+            if not store.claim_lease(
+                session,
+                cache_id=cache_id,
+                owner=settings.owner,
+                now=now,
+                until=now + timedelta(seconds=settings.lease_seconds),
+            ):
+                return
+            cache = store.get_cache(session, cache_id=cache_id)
+        if cache is None:
+            return
+        try:
+            if cache.state is CacheState.DELETING:
+                self._delete(cache)
+            elif (
+                cache.expire_time is not None
+                and cache.expire_time <= now
+                and lifecycle.can(cache.state, Trigger.EXPIRE)
+            ):
+                self._expire(cache)
+            elif cache.state in lifecycle.BUILDING_STATES:
+                self._build(cache)
+            elif any(z.state is ZoneState.HYDRATING for z in cache.zones):
+                self._hydrate(cache)
+        except _LeaseLost:
+            log.info("lease on %s lost; leaving the work to its new owner", cache_id)
+        except SnapcacheError as exc:
+            log.warning("lifecycle work on %s failed: %s", cache_id, exc.message)
+        except Exception:
+            log.exception("lifecycle work on %s failed", cache_id)
+        finally:
+            with self._db.transaction() as session:
+                store.release_lease(session, cache_id=cache_id, owner=settings.owner)
+            self._signal.notify()
+
+    # --- builds ------------------------------------------------------------------------------
+
+    def _build(self, cache: ImageCache) -> None:
+        settings = self._settings
+        build_id = cache.build_id
+        disk_id = f"{cache.cache_id}-{build_id}"
+        attempt = cache.progress.attempt + 1
+        capacity = cache.spec.cache_size_gib * GIB
+        cache = self._write(
+            cache,
+            build_id,
+            lambda c: replace(c, progress=BuildProgress(phase=BuildPhase.PULLING, attempt=attempt)),
+            event=(
+                EventType.NORMAL,
+                "BuildStarted",
+                f"builder started (attempt {attempt}): {len(cache.spec.images)} image(s) onto a "
+                f"{cache.spec.cache_size_gib} GiB disk",
+                {"builder_disk": disk_id},
+            ),
+        )
+        reporter: _ProgressReporter | None = None
+        try:
+            self._provider.create_builder_disk(disk_id=disk_id, capacity_bytes=capacity)
+            options = PullOptions(
+                platform=_platform(cache.spec.platform),
+                credentials=self._resolve_credentials(cache.spec.registry_credentials),
+                plain_http_registries=frozenset(cache.spec.plain_http_registries),
+                insecure_registries=frozenset(cache.spec.insecure_registries),
+            )
+            reporter = _ProgressReporter(self, cache, build_id, attempt)
+            pulled = self._provider.pull_images(
+                disk_id=disk_id,
+                images=[parse_image_reference(i) for i in cache.spec.images],
+                options=options,
+                capacity_bytes=capacity,
+                on_progress=reporter,
+                cancelled=reporter.cancelled,
+            )
+            cache = reporter.latest
+            now = self._clock()
+            with self._db.transaction() as session:
+                for given, image in zip(cache.spec.images, pulled, strict=True):
+                    store.append_event(
+                        session,
+                        cache_id=cache.cache_id,
+                        now=now,
+                        type=EventType.NORMAL,
+                        reason="ImagePulled",
+                        message=f"pulled {given} ({image.manifest_digest}, {image.compressed_bytes} bytes, "
+                        f"{image.uncompressed_bytes} bytes unpacked)",
+                        attributes={
+                            "image": given,
+                            "normalized_image": str(image.reference),
+                            "digest": image.manifest_digest,
+                            "index_digest": image.index_digest,
+                            "platform": str(image.platform),
+                            "compressed_bytes": str(image.compressed_bytes),
+                            "uncompressed_bytes": str(image.uncompressed_bytes),
+                        },
+                    )
+            cache = self._write(
+                cache,
+                build_id,
+                lambda c: replace(c, progress=replace(c.progress, phase=BuildPhase.SNAPSHOTTING)),
+            )
+            snapshot_id = f"snap-{cache.cache_id}-{build_id}"
+            snapshot = self._provider.create_snapshot(disk_id=disk_id, snapshot_id=snapshot_id)
+            cache = self._write(
+                cache,
+                build_id,
+                lambda c: replace(c, progress=replace(c.progress, phase=BuildPhase.RELEASING_BUILDER)),
+                event=(
+                    EventType.NORMAL,
+                    "SnapshotCreated",
+                    f"snapshot {snapshot_id} created ({snapshot.size_bytes} bytes, {snapshot.blob_count} blobs)",
+                    {"snapshot_id": snapshot_id, "size_bytes": str(snapshot.size_bytes)},
+                ),
+            )
+            self._provider.release_builder_disk(disk_id=disk_id)
+            previous_snapshot = cache.snapshot_id
+            zones = target_zones(cache, self._zones)
+
+            def finish(c: ImageCache) -> ImageCache:
+                now = self._clock()
+                return replace(
+                    c,
+                    state=lifecycle.next_state(c.state, Trigger.BUILD_SUCCEEDED),
+                    state_reason="",
+                    state_message="",
+                    progress=replace(c.progress, phase=BuildPhase.DONE, bytes_done=c.progress.bytes_total),
+                    cached_images=tuple(
+                        CachedImage(
+                            image=given,
+                            normalized_image=str(p.reference),
+                            manifest_digest=p.manifest_digest,
+                            index_digest=p.index_digest,
+                            platform=str(p.platform),
+                            compressed_bytes=p.compressed_bytes,
+                            uncompressed_bytes=p.uncompressed_bytes,
+                            layer_count=p.layer_count,
+                        )
+                        for given, p in zip(c.spec.images, pulled, strict=True)
+                    ),
+                    snapshot_id=snapshot_id,
+                    snapshot_size_bytes=snapshot.size_bytes,
+                    ready_time=now,
+                    zones=tuple(ZoneAvailability(z, ZoneState.HYDRATING, "", now) for z in zones),
+                )
+
+            cache = self._write(
+                cache,
+                build_id,
+                finish,
+                event=(
+                    EventType.NORMAL,
+                    "BuilderReleased",
+                    f"builder disk {disk_id} released; cache is READY",
+                    {},
+                ),
+            )
+            if previous_snapshot and previous_snapshot != snapshot_id:
+                self._provider.delete_snapshot(snapshot_id=previous_snapshot)
+            self._hydrate(cache)
+        except BuildFailure as failure:
+            if self._stop.is_set():
+                # shutting down: keep the builder disk; the next start resumes the build
+                log.info("build of %s interrupted by shutdown", cache.cache_id)
+                return
+            if reporter is not None and reporter.cancelled():
+                log.info("build %s of %s superseded; discarding it", build_id, cache.cache_id)
+                self._provider.release_builder_disk(disk_id=disk_id)
+                return
+            self._build_failed(cache, build_id, disk_id, attempt, failure)
+        except _Superseded:
+            log.info("build %s of %s superseded; discarding it", build_id, cache.cache_id)
+            self._provider.release_builder_disk(disk_id=disk_id)
+
+    def _build_failed(
+        self, cache: ImageCache, build_id: str, disk_id: str, attempt: int, failure: BuildFailure
+    ) -> None:
+        settings = self._settings
+        if failure.retryable and attempt < settings.max_build_attempts:
+            delay = settings.retry_base_seconds * 2 ** (attempt - 1) * random.uniform(0.8, 1.2)
+            self._write(
+                cache,
+                build_id,
+                lambda c: replace(c, progress=replace(c.progress, phase=BuildPhase.QUEUED)),
+                event=(
+                    EventType.WARNING,
+                    "BuildRetrying",
+                    f"{failure.message}; retrying in {delay:.0f} s (attempt {attempt} of "
+                    f"{settings.max_build_attempts})",
+                    {"reason": failure.reason},
+                ),
+                next_attempt=self._clock() + timedelta(seconds=delay),
+            )
+            return  # the builder disk is kept so the retry resumes from the blobs pulled so far
+        self._provider.release_builder_disk(disk_id=disk_id)
+        self._write(
+            cache,
+            build_id,
+            lambda c: replace(
+                c,
+                state=lifecycle.next_state(c.state, Trigger.BUILD_FAILED),
+                state_reason=failure.reason,
+                state_message=failure.message,
+                progress=replace(c.progress, phase=BuildPhase.DONE),
+            ),
+            event=(EventType.WARNING, "BuildFailed", failure.message, {"reason": failure.reason}),
+        )
+
+    # --- zones, expiry, deletion ---------------------------------------------------------------
+
+    def _hydrate(self, cache: ImageCache) -> None:
+        for zone in [z.zone for z in cache.zones if z.state is ZoneState.HYDRATING]:
+            if self._stop.is_set():
+                return
+            self._renew(cache.cache_id)
+            try:
+                self._provider.hydrate_zone(snapshot_id=cache.snapshot_id, zone=zone)
+                state, message, reason = ZoneState.AVAILABLE, "", "ZoneAvailable"
+                text = f"snapshot available in zone {zone}"
+                event_type = EventType.NORMAL
+            except SnapcacheError as exc:
+                state, message, reason = ZoneState.UNAVAILABLE, exc.message, "ZoneUnavailable"
+                text = f"snapshot unavailable in zone {zone}: {exc.message}"
+                event_type = EventType.WARNING
+            except OSError as exc:
+                state, message, reason = (
+                    ZoneState.UNAVAILABLE,
+                    f"copy failed: {exc.strerror}",
+                    "ZoneUnavailable",
+                )
+                text = f"snapshot unavailable in zone {zone}: {message}"
+                event_type = EventType.WARNING
+            snapshot_id = cache.snapshot_id
+
+            def mark(
+                c: ImageCache, zone: str = zone, state: ZoneState = state, message: str = message
+            ) -> ImageCache:
+                if c.snapshot_id != snapshot_id:
+                    raise _Superseded
+                now = self._clock()
+                return replace(
+                    c,
+                    zones=tuple(
+                        ZoneAvailability(z.zone, state, message, now) if z.zone == zone else z
+                        for z in c.zones
+                    ),
+                )
+
+            try:
+                cache = self._write(
+                    cache,
+                    cache.build_id,
+                    mark,
+                    event=(event_type, reason, text, {"zone": zone}),
+                    any_state=True,
+                )
+            except _Superseded:
+                return
+
+    def _expire(self, cache: ImageCache) -> None:
+        snapshot_id = cache.snapshot_id
+
+        def expire(c: ImageCache) -> ImageCache:
+            return replace(
+                c,
+                state=lifecycle.next_state(c.state, Trigger.EXPIRE),
+                zones=(),
+                progress=replace(c.progress, phase=BuildPhase.NONE),
+            )
+
+        self._write(
+            cache,
+            cache.build_id,
+            expire,
+            event=(EventType.NORMAL, "Expired", "retention period ended; snapshot deleted", {}),
+            any_state=True,
+        )
+        # disks already provisioned keep working (they hold their own references); the snapshot
+        # and its zone copies go now so no new disk can come from an expired cache
+        if snapshot_id:
+            self._provider.delete_snapshot(snapshot_id=snapshot_id)
+        self._provider.release_builder_disk(disk_id=f"{cache.cache_id}-{cache.build_id}")
+
+    def _delete(self, cache: ImageCache) -> None:
+        with self._db.transaction(write=False) as session:
+            disks = store.list_disks(session, cache_id=cache.cache_id)
+        for disk in disks:
+            self._provider.release_disk(disk_id=disk.disk_id)
+        if cache.snapshot_id:
+            self._provider.delete_snapshot(snapshot_id=cache.snapshot_id)
+        self._provider.release_builder_disk(disk_id=f"{cache.cache_id}-{cache.build_id}")
+        with self._db.transaction() as session:
+            current = store.get_cache(session, cache_id=cache.cache_id, for_update=True)
+            if current is not None and current.state is CacheState.DELETING:
+                store.delete_cache(session, cache=current, now=self._clock())
+        log.info("image cache %s deleted", cache.cache_id)
+
+    # --- housekeeping --------------------------------------------------------------------------
+
+    def housekeeping(self) -> None:
+        """Drop expired failed caches, compact the change feed, reconcile with the provider."""
+        now = self._clock()
+        cutoff = now - self._settings.failed_cache_ttl
+        with self._db.transaction(write=False) as session:
+            stale = store.caches_in_states(
+                session, states=(CacheState.FAILED, CacheState.EXPIRED), updated_before=cutoff
+            )
+        for cache in stale:
+            with self._db.transaction() as session:
+                current = store.get_cache(session, cache_id=cache.cache_id, for_update=True)
+                if current is None or current.version != cache.version:
+                    continue
+                if store.count_disks(session, cache_id=cache.cache_id):
+                    continue
+                store.delete_cache(session, cache=current, now=now)
+            log.info("removed %s cache %s after the clean-up delay", cache.state.value, cache.cache_id)
+        with self._db.transaction() as session:
+            store.compact_changes(session, keep=self._settings.change_log_keep)
+        self.reconcile(startup=False)
+
+    def reconcile(self, *, startup: bool) -> None:
+        """Delete what the provider holds but no record owns; at start-up, at once.
+
+        Later passes only delete an orphan seen twice `orphan_grace_seconds` apart, since a
+        provision or build in flight creates on the provider just before it records in the database.
+        """
+        inventory = self._provider.inventory()
+        with self._db.transaction(write=False) as session:
+            caches = {c.cache_id: c for c in store.caches_in_states(session, states=list(CacheState))}
+            disk_ids = {d.disk_id for d in store.list_disks(session)}
+            used_snapshots = store.snapshot_ids_in_use(session)
+        wanted_builders = {
+            f"{c.cache_id}-{c.build_id}" for c in caches.values() if c.state in lifecycle.BUILDING_STATES
+        }
+        wanted_zone_copies = {
+            (c.snapshot_id, z.zone)
+            for c in caches.values()
+            for z in c.zones
+            if z.state is not ZoneState.UNAVAILABLE
+        }
+        orphans: list[tuple[str, Callable[[], None]]] = []
+        for disk_id in inventory.builder_disks - wanted_builders:
+            orphans.append(
+                (f"builder:{disk_id}", lambda d=disk_id: self._provider.release_builder_disk(disk_id=d))
+            )
+        for disk_id in inventory.disks - disk_ids:
+            orphans.append((f"disk:{disk_id}", lambda d=disk_id: self._provider.release_disk(disk_id=d)))
+        for snapshot_id in inventory.snapshots - used_snapshots:
+            orphans.append(
+                (
+                    f"snapshot:{snapshot_id}",
+                    lambda s=snapshot_id: self._provider.delete_snapshot(snapshot_id=s),
+                )
+            )
+        for snapshot_id, zone in inventory.zone_snapshots - wanted_zone_copies:
+            if snapshot_id in inventory.snapshots - used_snapshots:
+                continue  # deleting the snapshot removes its zone copies
+            orphans.append(
+                (
+                    f"zone:{zone}:{snapshot_id}",
+                    lambda s=snapshot_id, z=zone: self._provider.remove_from_zone(snapshot_id=s, zone=z),
+                )
+            )
+        now = time.monotonic()
+        seen_now: dict[str, float] = {}
+        for key, remove in orphans:
+            first_seen = self._orphans_seen.get(key, now)
+            if startup or now - first_seen >= self._settings.orphan_grace_seconds:
+                log.info("reconcile: removing orphaned %s", key)
+                remove()
+            else:
+                seen_now[key] = first_seen
+        self._orphans_seen = seen_now
+        freed = self._provider.collect_garbage()
+        if freed:
+            log.info("reconcile: freed %d bytes of unreferenced blobs", freed)
+
+    # --- writing back ------------------------------------------------------------------------
+
+    def _renew(self, cache_id: str) -> None:
+        now = self._clock()
+        with self._db.transaction() as session:
+            if not store.claim_lease(
+                session,
+                cache_id=cache_id,
+                owner=self._settings.owner,
+                now=now,
+                until=now + timedelta(seconds=self._settings.lease_seconds),
+            ):
+                raise _LeaseLost
+
+    def _write(
+        self,
+        cache: ImageCache,
+        build_id: str,
+        change: Callable[[ImageCache], ImageCache],
+        *,
+        event: tuple[EventType, str, str, dict[str, str]] | None = None,
+        next_attempt: datetime | None = None,
+        any_state: bool = False,
+    ) -> ImageCache:
+        """Apply ``change`` to the stored cache if it still runs this build, renewing the lease."""
+        now = self._clock()
+        with self._db.transaction() as session:
+            if not store.claim_lease(
+                session,
+                cache_id=cache.cache_id,
+                owner=self._settings.owner,
+                now=now,
+                until=now + timedelta(seconds=self._settings.lease_seconds),
+            ):
+                raise _LeaseLost
+            current = store.get_cache(session, cache_id=cache.cache_id, for_update=True)
+            if current is None or current.build_id != build_id:
+                raise _Superseded
+            if not any_state and current.state not in lifecycle.BUILDING_STATES:
+                raise _Superseded
+            if current.state is CacheState.DELETING:
+                raise _Superseded
+            updated = replace(change(current), update_time=now)
+            stored = store.update_cache(session, cache=updated, expected_version=current.version, now=now)
+            store.set_next_attempt(session, cache_id=cache.cache_id, at=next_attempt)
+            if event is not None:
+                event_type, reason, message, attributes = event
+                store.append_event(
+                    session,
+                    cache_id=cache.cache_id,
+                    now=now,
+                    type=event_type,
+                    reason=reason,
+                    message=message,
+                    attributes=attributes,
+                )
+        self._signal.notify()
+        return stored
+
+
+class _Superseded(Exception):
+    """The cache moved on (new build, delete) while this work ran."""
+
+
+class _ProgressReporter:
+    """Writes pull progress at most every `progress_interval_seconds`; tells the builder to stop."""
+
+    def __init__(self, worker: LifecycleWorker, cache: ImageCache, build_id: str, attempt: int) -> None:
+        self._worker = worker
+        self._build_id = build_id
+        self._attempt = attempt
+        self.latest = cache
+        self._last_write = 0.0
+        self._stop_reason: str | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, progress: PullProgress) -> None:
+        interval = self._worker._settings.progress_interval_seconds
+        with self._lock:
+            if self._stop_reason is not None or time.monotonic() - self._last_write < interval:
+                return
+            self._last_write = time.monotonic()
+            try:
+                self.latest = self._worker._write(
+                    self.latest,
+                    self._build_id,
+                    lambda c: replace(
+                        c,
+                        progress=BuildProgress(
+                            phase=BuildPhase.PULLING,
+                            bytes_done=progress.bytes_done,
+                            bytes_total=progress.bytes_total,
+                            attempt=self._attempt,
+                        ),
+                    ),
+                )
+            except (_Superseded, _LeaseLost) as exc:
+                self._stop_reason = type(exc).__name__
+            except SnapcacheError as exc:
+                log.warning("progress not recorded: %s", exc.message)
+
+    def cancelled(self) -> bool:
+        return self._stop_reason is not None or self._worker._stop.is_set()
+
+
+def _platform(text: str) -> Platform:
+    parts = text.split("/")
+    return Platform(os=parts[0], architecture=parts[1], variant=parts[2] if len(parts) > 2 else "")
