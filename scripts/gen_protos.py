@@ -59,7 +59,9 @@ def main() -> int:
         fresh_dir, committed_dir = fresh / PACKAGE, ROOT / PACKAGE
         if options.check:
             fresh_files = {p.name for p in fresh_dir.iterdir() if p.is_file()}
-            committed = {p.name for p in committed_dir.iterdir() if p.is_file()} if committed_dir.exists() else set()
+            committed = (
+                {p.name for p in committed_dir.iterdir() if p.is_file()} if committed_dir.exists() else set()
+            )
             stale = sorted(
                 name
                 for name in fresh_files | committed

@@ -42,9 +42,7 @@ class RunningServer:
     def set_serving(self, serving: bool) -> None:
         """Flip health for the whole server and each service."""
         status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for name in ("", *self.service_names):
             self.health.set(name, status)

@@ -38,7 +38,7 @@ def code_for(error: errors.SnapcacheError) -> grpc.StatusCode:
     """The gRPC code of a domain error (its nearest mapped base class)."""
     for cls in type(error).__mro__:
         if cls in _CODES:
-            return _CODES[cls]  # type: ignore[index]
+            return _CODES[cls]
     return grpc.StatusCode.INTERNAL
 
 
@@ -81,7 +81,7 @@ def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> No
     context.abort_with_status(rpc_status.to_status(internal_status()))
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class ErrorInterceptor(grpc.ServerInterceptor):
     """Maps domain errors raised by handlers to rich gRPC statuses."""
 
     def intercept_service(
@@ -89,7 +89,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
+        handler: Any = continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
@@ -105,11 +105,12 @@ class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     _abort(context, exc, method)
                     raise  # unreachable: abort raises
 
-            return grpc.unary_unary_rpc_method_handler(
+            wrapped: grpc.RpcMethodHandler = grpc.unary_unary_rpc_method_handler(
                 unary_unary,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
+            return wrapped
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
 
@@ -122,17 +123,18 @@ class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     _abort(context, exc, method)
                     raise
 
-            return grpc.unary_stream_rpc_method_handler(
+            streaming: grpc.RpcMethodHandler = grpc.unary_stream_rpc_method_handler(
                 unary_stream,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler
+            return streaming
+        return handler  # type: ignore[no-any-return]
 
 
 def _is_abort(exc: Exception, context: grpc.ServicerContext) -> bool:
     # context.abort() raises a bare Exception after setting the code; let it through unchanged.
-    return type(exc) is Exception and context.code() is not None  # type: ignore[attr-defined]
+    return type(exc) is Exception and context.code() is not None
 
 
 def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:

@@ -11,7 +11,7 @@ import logging
 import secrets
 import string
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -29,6 +29,7 @@ from services.cache_registry.model import (
     CacheSpec,
     CacheState,
     Change,
+    ChangeType,
     Disk,
     DiskId,
     EventType,
@@ -45,6 +46,7 @@ from services.cache_registry.validation import (
 )
 from snapcache import page_tokens
 from snapcache.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     FieldViolation,
@@ -201,7 +203,7 @@ class CacheRegistry:
         with self._db.transaction(write=False) as session:
             return self._require(store.get_cache(session, cache_id=cache_id), cache_id)
 
-    def list(self, *, page_size: int, page_token: str, filter_text: str) -> ListPage:
+    def list_caches(self, *, page_size: int, page_token: str, filter_text: str) -> ListPage:
         """A page of caches in id order, with the revision it was read at."""
         limit = check_page_size(page_size)
         where = parse_filter(filter_text)
@@ -276,7 +278,8 @@ class CacheRegistry:
             if disks and not force:
                 raise FailedPrecondition(
                     reason="DISKS_IN_USE",
-                    message=f"image cache {current.name} has {disks} live disk(s); release them or delete with force",
+                    message=f"image cache {current.name} has {disks} live disk(s); "
+                    "release them or delete with force",
                     metadata={"image_cache": current.name, "disk_count": str(disks)},
                 )
             deleting = replace(
@@ -384,7 +387,7 @@ class CacheRegistry:
                 last_sent = time.monotonic()
             self._signal.wait(seen=seen, timeout=settings.watch_poll_seconds)
 
-    def _initial_state(self, cache_id: str) -> Iterator[Change | Heartbeat]:
+    def _initial_state(self, cache_id: str) -> Generator[Change | Heartbeat, None, int]:
         with self._db.transaction(write=False) as session:
             revision = store.current_revision(session)
         if cache_id:
@@ -401,8 +404,6 @@ class CacheRegistry:
                 if len(page) < 1000:
                     break
                 after = page[-1].cache_id
-        from services.cache_registry.model import ChangeType
-
         for cache in caches:
             yield Change(revision=cache.revision, type=ChangeType.UPSERT, cache=cache)
         yield Heartbeat(revision=revision)
@@ -526,13 +527,15 @@ class CacheRegistry:
                     violations=(FieldViolation(f"matches[{i}].count", "must be at least 1"),),
                 )
             prior = parsed.get(cache_id)
-            if prior is not None:
-                hit = MatchHits(
+            parsed[cache_id] = (
+                hit
+                if prior is None
+                else MatchHits(
                     name=hit.name,
                     count=prior.count + hit.count,
                     last_matched_time=max(prior.last_matched_time, hit.last_matched_time),
                 )
-            parsed[cache_id] = hit
+            )
         applied = unknown = 0
         now = self._clock()
         with self._db.transaction() as session:
@@ -570,8 +573,6 @@ class CacheRegistry:
     @staticmethod
     def _check_etag(cache: ImageCache, etag: str) -> None:
         if etag and etag != cache.etag:
-            from snapcache.errors import Aborted
-
             raise Aborted(
                 reason="ETAG_MISMATCH",
                 message=f"image cache {cache.name} changed (etag {cache.etag}, request had {etag}); "

@@ -38,7 +38,7 @@ class CacheRegistryServicer(api_grpc.CacheRegistryServiceServicer):
     def ListImageCaches(
         self, request: api.ListImageCachesRequest, context: grpc.ServicerContext
     ) -> api.ListImageCachesResponse:
-        page = self._registry.list(
+        page = self._registry.list_caches(
             page_size=request.page_size, page_token=request.page_token, filter_text=request.filter
         )
         return api.ListImageCachesResponse(

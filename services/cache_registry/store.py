@@ -12,7 +12,7 @@ revisions are gap-free and in commit order on SQLite and PostgreSQL alike.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -410,7 +410,7 @@ def list_caches(session: Session, *, after_id: str, limit: int, where: CacheFilt
             )
         )
     docs = session.exec(query.order_by(col(CacheRow.id)).limit(limit)).all()
-    return [cache_from_doc(doc) for doc in docs]
+    return [cache_from_doc(dict(doc)) for doc in docs]
 
 
 def all_cache_ids(session: Session) -> set[str]:
@@ -420,7 +420,7 @@ def all_cache_ids(session: Session) -> set[str]:
 
 def snapshot_ids_in_use(session: Session) -> set[str]:
     """Snapshot ids referenced by any cache or disk (for reconcile passes)."""
-    found = {cache_from_doc(doc).snapshot_id for doc in session.exec(select(CacheRow.doc)).all()}
+    found = {cache_from_doc(dict(doc)).snapshot_id for doc in session.exec(select(CacheRow.doc)).all()}
     found |= set(session.exec(select(DiskRow.snapshot_id)).all())
     found.discard("")
     return found
@@ -487,7 +487,7 @@ def caches_in_states(
 ) -> list[ImageCache]:
     """Caches in any of ``states``, optionally last changed before a time."""
     docs = session.exec(select(CacheRow.doc).where(col(CacheRow.state).in_([s.value for s in states]))).all()
-    caches = [cache_from_doc(doc) for doc in docs]
+    caches = [cache_from_doc(dict(doc)) for doc in docs]
     if updated_before is not None:
         caches = [c for c in caches if c.update_time < updated_before]
     return caches

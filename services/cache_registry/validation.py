@@ -83,7 +83,8 @@ def _check_labels(labels: Sequence[tuple[str, str]], prefix: str) -> list[FieldV
             found.append(
                 FieldViolation(
                     f"{prefix}.labels[{key}]",
-                    "value must be empty or 1-63 alphanumerics, '-', '_' or '.', starting and ending alphanumeric",
+                    "value must be empty or 1-63 alphanumerics, '-', '_' or '.', "
+                    "starting and ending alphanumeric",
                 )
             )
     return found
@@ -165,7 +166,8 @@ def check_spec(
         found.append(
             FieldViolation(
                 f"{prefix}.cache_size_gib",
-                f"must be between {MIN_CACHE_SIZE_GIB} and {MAX_CACHE_SIZE_GIB} GiB; got {spec.cache_size_gib}",
+                f"must be between {MIN_CACHE_SIZE_GIB} and {MAX_CACHE_SIZE_GIB} GiB; "
+                f"got {spec.cache_size_gib}",
             )
         )
     if checks("retention_days") and not 0 <= spec.retention_days <= MAX_RETENTION_DAYS:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import partial
 
 from services.cache_registry import lifecycle, store
 from services.cache_registry.database import Database
@@ -197,7 +198,6 @@ class LifecycleWorker:
     # --- builds ------------------------------------------------------------------------------
 
     def _build(self, cache: ImageCache) -> None:
-        settings = self._settings
         build_id = cache.build_id
         disk_id = f"{cache.cache_id}-{build_id}"
         attempt = cache.progress.attempt + 1
@@ -268,7 +268,8 @@ class LifecycleWorker:
                 event=(
                     EventType.NORMAL,
                     "SnapshotCreated",
-                    f"snapshot {snapshot_id} created ({snapshot.size_bytes} bytes, {snapshot.blob_count} blobs)",
+                    f"snapshot {snapshot_id} created "
+                    f"({snapshot.size_bytes} bytes, {snapshot.blob_count} blobs)",
                     {"snapshot_id": snapshot_id, "size_bytes": str(snapshot.size_bytes)},
                 ),
             )
@@ -389,10 +390,13 @@ class LifecycleWorker:
                 )
                 text = f"snapshot unavailable in zone {zone}: {message}"
                 event_type = EventType.WARNING
-            snapshot_id = cache.snapshot_id
 
             def mark(
-                c: ImageCache, zone: str = zone, state: ZoneState = state, message: str = message
+                c: ImageCache,
+                zone: str = zone,
+                state: ZoneState = state,
+                message: str = message,
+                snapshot_id: str = cache.snapshot_id,
             ) -> ImageCache:
                 if c.snapshot_id != snapshot_id:
                     raise _Superseded
@@ -497,29 +501,21 @@ class LifecycleWorker:
             for z in c.zones
             if z.state is not ZoneState.UNAVAILABLE
         }
+        provider = self._provider
         orphans: list[tuple[str, Callable[[], None]]] = []
         for disk_id in inventory.builder_disks - wanted_builders:
-            orphans.append(
-                (f"builder:{disk_id}", lambda d=disk_id: self._provider.release_builder_disk(disk_id=d))
-            )
+            orphans.append((f"builder:{disk_id}", partial(provider.release_builder_disk, disk_id=disk_id)))
         for disk_id in inventory.disks - disk_ids:
-            orphans.append((f"disk:{disk_id}", lambda d=disk_id: self._provider.release_disk(disk_id=d)))
+            orphans.append((f"disk:{disk_id}", partial(provider.release_disk, disk_id=disk_id)))
         for snapshot_id in inventory.snapshots - used_snapshots:
             orphans.append(
-                (
-                    f"snapshot:{snapshot_id}",
-                    lambda s=snapshot_id: self._provider.delete_snapshot(snapshot_id=s),
-                )
+                (f"snapshot:{snapshot_id}", partial(provider.delete_snapshot, snapshot_id=snapshot_id))
             )
         for snapshot_id, zone in inventory.zone_snapshots - wanted_zone_copies:
             if snapshot_id in inventory.snapshots - used_snapshots:
                 continue  # deleting the snapshot removes its zone copies
-            orphans.append(
-                (
-                    f"zone:{zone}:{snapshot_id}",
-                    lambda s=snapshot_id, z=zone: self._provider.remove_from_zone(snapshot_id=s, zone=z),
-                )
-            )
+            drop_copy = partial(provider.remove_from_zone, snapshot_id=snapshot_id, zone=zone)
+            orphans.append((f"zone:{zone}:{snapshot_id}", drop_copy))
         now = time.monotonic()
         seen_now: dict[str, float] = {}
         for key, remove in orphans:

@@ -56,7 +56,12 @@ def test_create_returns_creating_then_build_reaches_ready(harness: Harness) -> N
     assert ready.HasField("ready_time")
     assert not harness.provider.builders, "the builder disk must be released after the snapshot"
     assert len(harness.provider.snapshots) == 1
-    reasons = [e.reason for e in harness.stub.ListImageCacheEvents(api.ListImageCacheEventsRequest(parent=created.name)).events]
+    reasons = [
+        e.reason
+        for e in harness.stub.ListImageCacheEvents(
+            api.ListImageCacheEventsRequest(parent=created.name)
+        ).events
+    ]
     assert reasons[:2] == ["Created", "BuildStarted"]
     assert reasons.count("ImagePulled") == 2
     assert {"SnapshotCreated", "BuilderReleased", "ZoneAvailable"} <= set(reasons)
@@ -149,9 +154,13 @@ def test_list_pages_with_opaque_tokens_and_filters(harness: Harness) -> None:
 
     ready = harness.stub.ListImageCaches(api.ListImageCachesRequest(filter="state = READY"))
     assert sorted(c.name for c in ready.image_caches) == sorted(names)
-    by_image = harness.stub.ListImageCaches(api.ListImageCachesRequest(filter='image = "docker.io/library/app3:1.0"'))
+    by_image = harness.stub.ListImageCaches(
+        api.ListImageCachesRequest(filter='image = "docker.io/library/app3:1.0"')
+    )
     assert [c.name for c in by_image.image_caches] == [names[3]]
-    combined = harness.stub.ListImageCaches(api.ListImageCachesRequest(filter="state = READY AND labels.tier = web"))
+    combined = harness.stub.ListImageCaches(
+        api.ListImageCachesRequest(filter="state = READY AND labels.tier = web")
+    )
     assert sorted(c.name for c in combined.image_caches) == sorted(names[1::2])
 
 
@@ -212,15 +221,22 @@ def test_update_errors(harness: Harness) -> None:
     harness.settle()
     mask = field_mask_pb2.FieldMask
     cases = [
-        (api.UpdateImageCacheRequest(image_cache=pb.ImageCache(name=created.name)), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD_MASK"),
         (
-            api.UpdateImageCacheRequest(image_cache=pb.ImageCache(name=created.name), update_mask=mask(paths=["state"])),
+            api.UpdateImageCacheRequest(image_cache=pb.ImageCache(name=created.name)),
             grpc.StatusCode.INVALID_ARGUMENT,
             "INVALID_FIELD_MASK",
         ),
         (
             api.UpdateImageCacheRequest(
-                image_cache=pb.ImageCache(name=created.name, retention_days=-1), update_mask=mask(paths=["retention_days"])
+                image_cache=pb.ImageCache(name=created.name), update_mask=mask(paths=["state"])
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_FIELD_MASK",
+        ),
+        (
+            api.UpdateImageCacheRequest(
+                image_cache=pb.ImageCache(name=created.name, retention_days=-1),
+                update_mask=mask(paths=["retention_days"]),
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
             "INVALID_FIELD",
@@ -251,9 +267,9 @@ def test_update_errors(harness: Harness) -> None:
 
 def test_retention_sets_expire_time_and_expiry_deletes_snapshot(harness: Harness) -> None:
     created = create(harness, "nginx", retention_days=2)
-    assert created.expire_time.ToDatetime(tzinfo=UTC) == created.create_time.ToDatetime(tzinfo=UTC).replace() + (
-        datetime(2026, 1, 3, tzinfo=UTC) - datetime(2026, 1, 1, tzinfo=UTC)
-    )
+    assert created.expire_time.ToDatetime(tzinfo=UTC) == created.create_time.ToDatetime(
+        tzinfo=UTC
+    ).replace() + (datetime(2026, 1, 3, tzinfo=UTC) - datetime(2026, 1, 1, tzinfo=UTC))
     harness.settle()
     assert get(harness, created.name).state == pb.ImageCache.READY
     harness.clock.advance(days=2, seconds=1)
@@ -318,17 +334,30 @@ def test_transient_failure_then_success_resumes(harness: Harness) -> None:
 
 def test_provision_and_release_disks(harness: Harness) -> None:
     created = create(harness, "nginx")
-    error = rpc_error(lambda: harness.stub.ProvisionDisk(api.ProvisionDiskRequest(parent=created.name, zone="zone-a")))
-    assert (error.code(), error_info(error).reason) == (grpc.StatusCode.FAILED_PRECONDITION, "IMAGE_CACHE_NOT_READY")  # type: ignore[union-attr]
+    error = rpc_error(
+        lambda: harness.stub.ProvisionDisk(api.ProvisionDiskRequest(parent=created.name, zone="zone-a"))
+    )
+    assert (error.code(), error_info(error).reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "IMAGE_CACHE_NOT_READY",
+    )  # type: ignore[union-attr]
     harness.settle()
-    disk = harness.stub.ProvisionDisk(api.ProvisionDiskRequest(parent=created.name, zone="zone-a", disk_id="node-1", holder="node-1"))
+    disk = harness.stub.ProvisionDisk(
+        api.ProvisionDiskRequest(parent=created.name, zone="zone-a", disk_id="node-1", holder="node-1")
+    )
     assert disk.name == f"{created.name}/disks/node-1" and disk.zone == "zone-a"
-    again = harness.stub.ProvisionDisk(api.ProvisionDiskRequest(parent=created.name, zone="zone-a", disk_id="node-1"))
+    again = harness.stub.ProvisionDisk(
+        api.ProvisionDiskRequest(parent=created.name, zone="zone-a", disk_id="node-1")
+    )
     assert again.name == disk.name and len(harness.provider.disks) == 1, "idempotent per disk id"
     assert get(harness, created.name).disk_count == 1
-    assert [d.name for d in harness.stub.ListDisks(api.ListDisksRequest(parent=created.name)).disks] == [disk.name]
+    assert [d.name for d in harness.stub.ListDisks(api.ListDisksRequest(parent=created.name)).disks] == [
+        disk.name
+    ]
 
-    error = rpc_error(lambda: harness.stub.ProvisionDisk(api.ProvisionDiskRequest(parent=created.name, zone="zone-x")))
+    error = rpc_error(
+        lambda: harness.stub.ProvisionDisk(api.ProvisionDiskRequest(parent=created.name, zone="zone-x"))
+    )
     assert error_info(error).reason == "SNAPSHOT_NOT_IN_ZONE"  # type: ignore[union-attr]
 
     error = rpc_error(lambda: harness.stub.DeleteImageCache(api.DeleteImageCacheRequest(name=created.name)))
@@ -344,8 +373,15 @@ def test_zone_capacity_exhausted_leaks_nothing(harness: Harness) -> None:
     created = create(harness, "nginx")
     harness.settle()
     harness.stub.ProvisionDisk(api.ProvisionDiskRequest(parent=created.name, zone="zone-a", disk_id="d1"))
-    error = rpc_error(lambda: harness.stub.ProvisionDisk(api.ProvisionDiskRequest(parent=created.name, zone="zone-a", disk_id="d2")))
-    assert (error.code(), error_info(error).reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "ZONE_CAPACITY_EXHAUSTED")  # type: ignore[union-attr]
+    error = rpc_error(
+        lambda: harness.stub.ProvisionDisk(
+            api.ProvisionDiskRequest(parent=created.name, zone="zone-a", disk_id="d2")
+        )
+    )
+    assert (error.code(), error_info(error).reason) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "ZONE_CAPACITY_EXHAUSTED",
+    )  # type: ignore[union-attr]
     assert set(harness.provider.disks) == {"d1"}
     assert get(harness, created.name).disk_count == 1
 
@@ -398,7 +434,9 @@ def test_report_matches_counts_hits(harness: Harness) -> None:
     cache = get(harness, created.name)
     assert cache.match_count == 5 and cache.HasField("last_matched_time")
     error = rpc_error(
-        lambda: harness.stub.ReportMatches(api.ReportMatchesRequest(matches=[api.MatchReport(name=created.name, count=0)]))
+        lambda: harness.stub.ReportMatches(
+            api.ReportMatchesRequest(matches=[api.MatchReport(name=created.name, count=0)])
+        )
     )
     assert [f for f, _ in field_violations(error)] == ["matches[0].count"]
 
@@ -439,7 +477,9 @@ def test_watch_delete_and_name_filter(harness: Harness) -> None:
     b = create(harness, "redis")
     with harness.database.transaction(write=False) as session:
         start = store.current_revision(session)
-    stream = harness.stub.WatchImageCaches(api.WatchImageCachesRequest(start_revision=start, name=b.name), timeout=10)
+    stream = harness.stub.WatchImageCaches(
+        api.WatchImageCachesRequest(start_revision=start, name=b.name), timeout=10
+    )
     harness.stub.DeleteImageCache(api.DeleteImageCacheRequest(name=a.name))
     harness.stub.DeleteImageCache(api.DeleteImageCacheRequest(name=b.name))
     harness.settle()
@@ -469,7 +509,9 @@ def test_list_revision_plus_watch_misses_nothing(harness: Harness) -> None:
     create(harness, "nginx")
     page = harness.stub.ListImageCaches(api.ListImageCachesRequest())
     late = create(harness, "redis")
-    stream = harness.stub.WatchImageCaches(api.WatchImageCachesRequest(start_revision=page.revision), timeout=5)
+    stream = harness.stub.WatchImageCaches(
+        api.WatchImageCachesRequest(start_revision=page.revision), timeout=5
+    )
     message = next(stream)
     stream.cancel()
     assert message.image_cache.name == late.name and message.revision > page.revision

@@ -45,7 +45,11 @@ class FakeProvider:
 
     def zones(self) -> Sequence[ZoneInfo]:
         return [
-            ZoneInfo(name=z, max_disks=self.max_disks, disks_in_use=sum(1 for d in self.disks.values() if d[1] == z))
+            ZoneInfo(
+                name=z,
+                max_disks=self.max_disks,
+                disks_in_use=sum(1 for d in self.disks.values() if d[1] == z),
+            )
             for z in self.zone_names
         ]
 
@@ -112,7 +116,9 @@ class FakeProvider:
         if self.max_disks and in_zone >= self.max_disks:
             raise ResourceExhausted(reason="ZONE_CAPACITY_EXHAUSTED", message=f"zone {zone} is full")
         self.disks[disk_id] = (snapshot_id, zone)
-        return DiskInfo(disk_id=disk_id, snapshot_id=snapshot_id, zone=zone, location=f"/fake/{zone}/{disk_id}")
+        return DiskInfo(
+            disk_id=disk_id, snapshot_id=snapshot_id, zone=zone, location=f"/fake/{zone}/{disk_id}"
+        )
 
     def release_disk(self, *, disk_id: str) -> None:
         self.disks.pop(disk_id, None)

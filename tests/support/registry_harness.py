@@ -13,9 +13,9 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 
+from services.cache_registry.credential_refs import resolve_local_credentials
 from services.cache_registry.database import Database, make_engine, migrate
 from services.cache_registry.feed import CommitSignal
-from services.cache_registry.credential_refs import resolve_local_credentials
 from services.cache_registry.service import CacheRegistry, RegistrySettings
 from services.cache_registry.servicer import SERVICE_NAME, CacheRegistryServicer
 from services.cache_registry.worker import LifecycleWorker, WorkerSettings
@@ -66,9 +66,11 @@ def build_harness(url: str, provider: FakeProvider, settings: RegistrySettings |
     signal = CommitSignal()
     clock = ManualClock()
     registry = CacheRegistry(
-        database=database, provider=provider, signal=signal, clock=clock, settings=settings or RegistrySettings(
-            watch_poll_seconds=0.05, watch_heartbeat_seconds=0.2
-        )
+        database=database,
+        provider=provider,
+        signal=signal,
+        clock=clock,
+        settings=settings or RegistrySettings(watch_poll_seconds=0.05, watch_heartbeat_seconds=0.2),
     )
     worker = LifecycleWorker(
         database=database,
@@ -80,7 +82,13 @@ def build_harness(url: str, provider: FakeProvider, settings: RegistrySettings |
     )
     server = create_server(
         "127.0.0.1:0",
-        [ServiceBinding(SERVICE_NAME, api_grpc.add_CacheRegistryServiceServicer_to_server, CacheRegistryServicer(registry))],
+        [
+            ServiceBinding(
+                SERVICE_NAME,
+                api_grpc.add_CacheRegistryServiceServicer_to_server,
+                CacheRegistryServicer(registry),
+            )
+        ],
         max_workers=8,
     )
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
