@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import threading
+from collections import OrderedDict
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf import timestamp_pb2
 
@@ -41,16 +43,41 @@ _PHASE = {
     BuildPhase.RELEASING_BUILDER: pb.BuildProgress.RELEASING_BUILDER,
     BuildPhase.DONE: pb.BuildProgress.DONE,
 }
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
 _EVENT_TYPE = {EventType.NORMAL: pb.ImageCacheEvent.NORMAL, EventType.WARNING: pb.ImageCacheEvent.WARNING}
 
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    """A proto Timestamp, or None for an unset time."""
+    """A proto Timestamp, or None for an unset time (all our datetimes are aware, in UTC)."""
     if value is None:
         return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
+    seconds = (value - _EPOCH) // _SECOND
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=value.microsecond * 1000)
+
+
+class EncodedCaches:
+    """ImageCache messages by (id, version), so each version is encoded once for every reader."""
+
+    def __init__(self, capacity: int = 50_000) -> None:
+        self._capacity = capacity
+        self._items: OrderedDict[tuple[str, int], pb.ImageCache] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def encode(self, cache: ImageCache) -> pb.ImageCache:
+        """The message of ``cache``; callers must not modify it."""
+        key = (cache.cache_id, cache.version)
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+                return found
+        message = cache_to_proto(cache)
+        with self._lock:
+            self._items[key] = message
+            if len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+        return message
 
 
 def spec_from_proto(message: pb.ImageCache) -> CacheSpec:

@@ -154,6 +154,7 @@ class CacheRegistry:
         self._settings = settings or RegistrySettings()
         self._watchers = 0
         self._zones = tuple(z.name for z in provider.zones())
+        self._decoded = store.DecodedCaches()
 
     @property
     def zones(self) -> tuple[str, ...]:
@@ -201,7 +202,7 @@ class CacheRegistry:
         """One cache by name; NOT_FOUND if absent."""
         cache_id = parse_cache_name(name)
         with self._db.transaction(write=False) as session:
-            return self._require(store.get_cache(session, cache_id=cache_id), cache_id)
+            return self._require(store.get_cache(session, cache_id=cache_id, memo=self._decoded), cache_id)
 
     def list_caches(self, *, page_size: int, page_token: str, filter_text: str) -> ListPage:
         """A page of caches in id order, with the revision it was read at."""
@@ -211,7 +212,9 @@ class CacheRegistry:
         after = str(page_tokens.decode(page_token, scope=scope).get("after", "")) if page_token else ""
         with self._db.transaction(write=False) as session:
             revision = store.current_revision(session)
-            caches = store.list_caches(session, after_id=after, limit=limit + 1, where=where)
+            caches = store.list_caches(
+                session, after_id=after, limit=limit + 1, where=where, memo=self._decoded
+            )
         next_token = ""
         if len(caches) > limit:
             caches = caches[:limit]
@@ -399,7 +402,9 @@ class CacheRegistry:
             after = ""
             while True:
                 with self._db.transaction(write=False) as session:
-                    page = store.list_caches(session, after_id=after, limit=1000, where=parse_filter(""))
+                    page = store.list_caches(
+                        session, after_id=after, limit=1000, where=parse_filter(""), memo=self._decoded
+                    )
                 caches.extend(page)
                 if len(page) < 1000:
                     break

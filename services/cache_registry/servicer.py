@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import grpc
 
-from services.cache_registry.messages import cache_to_proto, disk_to_proto, event_to_proto, spec_from_proto
+from services.cache_registry.messages import EncodedCaches, disk_to_proto, event_to_proto, spec_from_proto
 from services.cache_registry.service import CacheRegistry, Heartbeat, MatchHits
 from snapcache.v1 import cache_registry_pb2 as api
 from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
@@ -21,6 +21,7 @@ class CacheRegistryServicer(api_grpc.CacheRegistryServiceServicer):
 
     def __init__(self, registry: CacheRegistry) -> None:
         self._registry = registry
+        self._encoded = EncodedCaches()
 
     def CreateImageCache(
         self, request: api.CreateImageCacheRequest, context: grpc.ServicerContext
@@ -28,12 +29,12 @@ class CacheRegistryServicer(api_grpc.CacheRegistryServiceServicer):
         cache = self._registry.create(
             spec=spec_from_proto(request.image_cache), cache_id=request.image_cache_id
         )
-        return cache_to_proto(cache)
+        return self._encoded.encode(cache)
 
     def GetImageCache(
         self, request: api.GetImageCacheRequest, context: grpc.ServicerContext
     ) -> pb.ImageCache:
-        return cache_to_proto(self._registry.get(name=request.name))
+        return self._encoded.encode(self._registry.get(name=request.name))
 
     def ListImageCaches(
         self, request: api.ListImageCachesRequest, context: grpc.ServicerContext
@@ -42,7 +43,7 @@ class CacheRegistryServicer(api_grpc.CacheRegistryServiceServicer):
             page_size=request.page_size, page_token=request.page_token, filter_text=request.filter
         )
         return api.ListImageCachesResponse(
-            image_caches=[cache_to_proto(c) for c in page.caches],
+            image_caches=[self._encoded.encode(c) for c in page.caches],
             next_page_token=page.next_page_token,
             revision=page.revision,
         )
@@ -56,12 +57,12 @@ class CacheRegistryServicer(api_grpc.CacheRegistryServiceServicer):
             paths=list(request.update_mask.paths),
             etag=request.image_cache.etag,
         )
-        return cache_to_proto(cache)
+        return self._encoded.encode(cache)
 
     def DeleteImageCache(
         self, request: api.DeleteImageCacheRequest, context: grpc.ServicerContext
     ) -> pb.ImageCache:
-        return cache_to_proto(
+        return self._encoded.encode(
             self._registry.delete(name=request.name, etag=request.etag, force=request.force)
         )
 
@@ -88,7 +89,7 @@ class CacheRegistryServicer(api_grpc.CacheRegistryServiceServicer):
                 yield response(
                     type=response.UPSERT if item.type.value == "UPSERT" else response.DELETE,
                     revision=item.revision,
-                    image_cache=cache_to_proto(item.cache),
+                    image_cache=self._encoded.encode(item.cache),
                 )
 
     def ProvisionDisk(self, request: api.ProvisionDiskRequest, context: grpc.ServicerContext) -> pb.Disk:

@@ -12,11 +12,14 @@ revisions are gap-free and in commit order on SQLite and PostgreSQL alike.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy import JSON, Column
 from sqlmodel import Field, Session, SQLModel, col, delete, func, select, update
@@ -134,6 +137,37 @@ def utc(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
+
+
+class DecodedCaches:
+    """Decoded caches by (id, version): a version never changes, so a hit skips JSON decoding.
+
+    Reads of the same caches repeat (operators listing, resyncs, watchers); decoding a document
+    costs more than the SQL that fetched it, so the registry keeps the last ``capacity`` versions.
+    """
+
+    def __init__(self, capacity: int = 50_000) -> None:
+        self._capacity = capacity
+        self._items: OrderedDict[tuple[str, int], ImageCache] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def decode(self, cache_id: str, version: int, text: str | bytes) -> ImageCache:
+        """The cache stored as ``text`` at ``version``, decoded at most once."""
+        key = (cache_id, version)
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+                return found
+        cache = cache_from_doc(orjson.loads(text))
+        with self._lock:
+            self._items[key] = cache
+            if len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+        return cache
+
+
+_NO_MEMO = DecodedCaches(capacity=0)
 
 
 def cache_to_doc(cache: ImageCache) -> dict[str, Any]:
@@ -347,13 +381,18 @@ def cache_exists(session: Session, *, cache_id: str) -> bool:
     return session.exec(select(CacheRow.id).where(col(CacheRow.id) == cache_id)).first() is not None
 
 
-def get_cache(session: Session, *, cache_id: str, for_update: bool = False) -> ImageCache | None:
+_DOC_TEXT = sa.cast(col(CacheRow.doc), sa.Text)
+
+
+def get_cache(
+    session: Session, *, cache_id: str, for_update: bool = False, memo: DecodedCaches = _NO_MEMO
+) -> ImageCache | None:
     """One cache, or None."""
-    query = select(CacheRow).where(col(CacheRow.id) == cache_id)
+    query = sa.select(CacheRow.id, CacheRow.version, _DOC_TEXT).where(col(CacheRow.id) == cache_id)
     if for_update:
         query = query.with_for_update()
-    row = session.exec(query).first()
-    return cache_from_doc(row.doc) if row else None
+    row = session.execute(query).first()
+    return memo.decode(row[0], row[1], row[2]) if row else None
 
 
 def update_cache(session: Session, *, cache: ImageCache, expected_version: int, now: datetime) -> ImageCache:
@@ -394,9 +433,11 @@ def delete_cache(session: Session, *, cache: ImageCache, now: datetime) -> None:
     _record_change(session, cache=last, change_type=ChangeType.DELETE, now=now)
 
 
-def list_caches(session: Session, *, after_id: str, limit: int, where: CacheFilter) -> list[ImageCache]:
+def list_caches(
+    session: Session, *, after_id: str, limit: int, where: CacheFilter, memo: DecodedCaches = _NO_MEMO
+) -> list[ImageCache]:
     """A page of caches in id order after ``after_id`` (keyset pagination)."""
-    query = select(CacheRow.doc).where(col(CacheRow.id) > after_id)
+    query = sa.select(CacheRow.id, CacheRow.version, _DOC_TEXT).where(col(CacheRow.id) > after_id)
     if where.states:
         query = query.where(col(CacheRow.state).in_([s.value for s in where.states]))
     terms = [("image", where.image)] if where.image else []
@@ -409,8 +450,8 @@ def list_caches(session: Session, *, after_id: str, limit: int, where: CacheFilt
                 col(CacheTermRow.value) == value,
             )
         )
-    docs = session.exec(query.order_by(col(CacheRow.id)).limit(limit)).all()
-    return [cache_from_doc(dict(doc)) for doc in docs]
+    rows = session.execute(query.order_by(col(CacheRow.id)).limit(limit)).all()
+    return [memo.decode(cache_id, version, text) for cache_id, version, text in rows]
 
 
 def all_cache_ids(session: Session) -> set[str]:
