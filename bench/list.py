@@ -26,6 +26,7 @@ from sqlalchemy import insert
 from services.cache_registry import store
 from services.cache_registry.database import Database, make_engine, migrate
 from services.cache_registry.feed import CommitSignal
+from services.cache_registry.local_provider import LocalProvider, LocalProviderConfig, LocalZone
 from services.cache_registry.model import (
     BuildPhase,
     BuildProgress,
@@ -42,14 +43,10 @@ from services.cache_registry.servicer import SERVICE_NAME, CacheRegistryServicer
 from snapcache.grpc_server import ServiceBinding, create_server
 from snapcache.v1 import cache_registry_pb2 as api
 from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
-from services.cache_registry.local_provider import LocalProvider, LocalProviderConfig, LocalZone
 
 
 def _cache(i: int, now: datetime) -> ImageCache:
-    images = tuple(f"registry.example.com/team{i % 50}/app{i % 997}:{i % 13}" for _ in range(1)) + (
-        f"nginx:1.{i % 30}",
-        "busybox:1.36",
-    )
+    images = (f"registry.example.com/team{i % 50}/app{i % 997}:{i % 13}", f"nginx:1.{i % 30}", "busybox:1.36")
     return ImageCache(
         cache_id=CacheId(f"imc-{i:08d}"),
         spec=CacheSpec(images=images, cache_size_gib=20, retention_days=0, labels=(("team", f"t{i % 50}"),)),

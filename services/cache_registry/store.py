@@ -388,7 +388,7 @@ def get_cache(
     session: Session, *, cache_id: str, for_update: bool = False, memo: DecodedCaches = _NO_MEMO
 ) -> ImageCache | None:
     """One cache, or None."""
-    query = sa.select(CacheRow.id, CacheRow.version, _DOC_TEXT).where(col(CacheRow.id) == cache_id)
+    query = sa.select(col(CacheRow.id), col(CacheRow.version), _DOC_TEXT).where(col(CacheRow.id) == cache_id)
     if for_update:
         query = query.with_for_update()
     row = session.execute(query).first()
@@ -437,7 +437,7 @@ def list_caches(
     session: Session, *, after_id: str, limit: int, where: CacheFilter, memo: DecodedCaches = _NO_MEMO
 ) -> list[ImageCache]:
     """A page of caches in id order after ``after_id`` (keyset pagination)."""
-    query = sa.select(CacheRow.id, CacheRow.version, _DOC_TEXT).where(col(CacheRow.id) > after_id)
+    query = sa.select(col(CacheRow.id), col(CacheRow.version), _DOC_TEXT).where(col(CacheRow.id) > after_id)
     if where.states:
         query = query.where(col(CacheRow.state).in_([s.value for s in where.states]))
     terms = [("image", where.image)] if where.image else []
