@@ -16,6 +16,7 @@ import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -161,13 +162,10 @@ def measure(url: str, counts: list[int], repeat: int, data_dir: Path) -> dict[st
             for _ in range(20):
                 stub.GetImageCache(api.GetImageCacheRequest(name=middle))
                 stub.ListImageCaches(api.ListImageCachesRequest(page_size=100, page_token=token))
-            get_p50, get_p99 = p50_ms(
-                lambda: stub.GetImageCache(api.GetImageCacheRequest(name=middle)), repeat
-            )
-            list_p50, list_p99 = p50_ms(
-                lambda: stub.ListImageCaches(api.ListImageCachesRequest(page_size=100, page_token=token)),
-                repeat,
-            )
+            get_request = api.GetImageCacheRequest(name=middle)
+            list_request = api.ListImageCachesRequest(page_size=100, page_token=token)
+            get_p50, get_p99 = p50_ms(partial(stub.GetImageCache, get_request), repeat)
+            list_p50, list_p99 = p50_ms(partial(stub.ListImageCaches, list_request), repeat)
             page = stub.ListImageCaches(api.ListImageCachesRequest(page_size=100, page_token=token))
             assert len(page.image_caches) == 100
             # cold: pages never read before (nothing decoded or encoded yet), walked by token
