@@ -83,7 +83,7 @@ _SHOWN_CHARS: Final = 80
 
 
 # The name is part of the project-wide interface, hence no "Error" suffix.
-class InvalidImageReference(ValueError):  # noqa: N818
+class InvalidImageReference(ValueError):
     """The text is not a valid image reference; the message says which part and why."""
 
 

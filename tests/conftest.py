@@ -2,9 +2,6 @@
 
 pytest_plugins = [
     "tests.support.databases",
+    "tests.support.oci_fixtures",
     "tests.support.registry_harness",
 ]
-
-import importlib.util as _u
-if _u.find_spec("tests.support.oci_fixtures"):
-    pytest_plugins.append("tests.support.oci_fixtures")  # TEMP until it lands

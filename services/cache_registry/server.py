@@ -6,9 +6,7 @@ The only place that builds the registry's objects; everything else receives what
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -52,6 +50,9 @@ class RegistryConfig:
     failed_cache_ttl_hours: float = 24.0
     worker_poll_seconds: float = 2.0
     grpc_workers: int = 32
+    # identity in work leases; stable across restarts so a restarted registry resumes its own
+    # builds at once instead of waiting for its old leases to expire (default: host + data dir)
+    instance_id: str = ""
 
     def database(self) -> str:
         """The database URL in force."""
@@ -103,7 +104,7 @@ class RegistryApp:
             clock=_clock,
             settings=RegistrySettings(),
         )
-        owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
+        owner = config.instance_id or f"{socket.gethostname()}:{config.data_dir.resolve()}"
         self.worker = LifecycleWorker(
             database=self.database,
             provider=self.provider,

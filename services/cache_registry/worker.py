@@ -233,6 +233,7 @@ class LifecycleWorker:
                 cancelled=reporter.cancelled,
             )
             cache = reporter.latest
+            final_progress = reporter.last
             now = self._clock()
             with self._db.transaction() as session:
                 for given, image in zip(cache.spec.images, pulled, strict=True):
@@ -284,7 +285,12 @@ class LifecycleWorker:
                     state=lifecycle.next_state(c.state, Trigger.BUILD_SUCCEEDED),
                     state_reason="",
                     state_message="",
-                    progress=replace(c.progress, phase=BuildPhase.DONE, bytes_done=c.progress.bytes_total),
+                    progress=replace(
+                        c.progress,
+                        phase=BuildPhase.DONE,
+                        bytes_done=final_progress.bytes_total,
+                        bytes_total=final_progress.bytes_total,
+                    ),
                     cached_images=tuple(
                         CachedImage(
                             image=given,
@@ -602,6 +608,7 @@ class _ProgressReporter:
         self._build_id = build_id
         self._attempt = attempt
         self.latest = cache
+        self.last = PullProgress(bytes_done=0, bytes_total=0)
         self._last_write = 0.0
         self._stop_reason: str | None = None
         self._lock = threading.Lock()
@@ -609,6 +616,7 @@ class _ProgressReporter:
     def __call__(self, progress: PullProgress) -> None:
         interval = self._worker._settings.progress_interval_seconds
         with self._lock:
+            self.last = progress
             if self._stop_reason is not None or time.monotonic() - self._last_write < interval:
                 return
             self._last_write = time.monotonic()
