@@ -614,30 +614,35 @@ class _ProgressReporter:
         self._lock = threading.Lock()
 
     def __call__(self, progress: PullProgress) -> None:
+        # called from every download thread for every chunk: the common path only stores the
+        # figure; at most one thread at a time writes it, and the others never wait for that
+        self.last = progress
         interval = self._worker._settings.progress_interval_seconds
-        with self._lock:
-            self.last = progress
-            if self._stop_reason is not None or time.monotonic() - self._last_write < interval:
-                return
+        if self._stop_reason is not None or time.monotonic() - self._last_write < interval:
+            return
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
             self._last_write = time.monotonic()
-            try:
-                self.latest = self._worker._write(
-                    self.latest,
-                    self._build_id,
-                    lambda c: replace(
-                        c,
-                        progress=BuildProgress(
-                            phase=BuildPhase.PULLING,
-                            bytes_done=progress.bytes_done,
-                            bytes_total=progress.bytes_total,
-                            attempt=self._attempt,
-                        ),
+            self.latest = self._worker._write(
+                self.latest,
+                self._build_id,
+                lambda c: replace(
+                    c,
+                    progress=BuildProgress(
+                        phase=BuildPhase.PULLING,
+                        bytes_done=progress.bytes_done,
+                        bytes_total=progress.bytes_total,
+                        attempt=self._attempt,
                     ),
-                )
-            except (_Superseded, _LeaseLost) as exc:
-                self._stop_reason = type(exc).__name__
-            except SnapcacheError as exc:
-                log.warning("progress not recorded: %s", exc.message)
+                ),
+            )
+        except (_Superseded, _LeaseLost) as exc:
+            self._stop_reason = type(exc).__name__
+        except SnapcacheError as exc:
+            log.warning("progress not recorded: %s", exc.message)
+        finally:
+            self._lock.release()
 
     def cancelled(self) -> bool:
         return self._stop_reason is not None or self._worker._stop.is_set()
