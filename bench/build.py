@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
-
 from oci_setup import big_image, median_seconds, oci_registry_with, registry_service, stub_for, wait_ready
+
 from snapcache.v1 import cache_registry_pb2 as api
 from snapcache.v1 import image_cache_pb2 as pb
 
@@ -52,7 +52,9 @@ def main() -> None:
                 t0 = time.perf_counter()
                 created = stub.CreateImageCache(
                     api.CreateImageCacheRequest(
-                        image_cache=pb.ImageCache(images=[image], cache_size_gib=1, plain_http_registries=[oci.host])
+                        image_cache=pb.ImageCache(
+                            images=[image], cache_size_gib=1, plain_http_registries=[oci.host]
+                        )
                     )
                 )
                 wait_ready(stub, created)
@@ -70,10 +72,24 @@ def main() -> None:
     ratio = build_time / floor
     mib = total / 1024 / 1024
     print(f"image: {mib:.0f} MiB in {options.layers} layers")
-    print(f"floor  plain download: median {floor * 1000:.0f} ms ({mib / floor:.0f} MiB/s) {[round(s, 3) for s in floor_samples]}")
-    print(f"build  Create->READY:  median {build_time * 1000:.0f} ms ({mib / build_time:.0f} MiB/s) {[round(s, 3) for s in build_samples]}")
+    print(
+        f"floor  plain download: median {floor * 1000:.0f} ms ({mib / floor:.0f} MiB/s) {[round(s, 3) for s in floor_samples]}"
+    )
+    print(
+        f"build  Create->READY:  median {build_time * 1000:.0f} ms ({mib / build_time:.0f} MiB/s) {[round(s, 3) for s in build_samples]}"
+    )
     print(f"ratio {ratio:.2f} (target <= 1.3)")
-    print(json.dumps({"bench": "build", "ratio": round(ratio, 3), "floor_s": round(floor, 4), "build_s": round(build_time, 4), "mib": round(mib, 1)}))
+    print(
+        json.dumps(
+            {
+                "bench": "build",
+                "ratio": round(ratio, 3),
+                "floor_s": round(floor, 4),
+                "build_s": round(build_time, 4),
+                "mib": round(mib, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

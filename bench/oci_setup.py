@@ -60,7 +60,11 @@ def stub_for(app: RegistryApp) -> tuple[grpc.Channel, api_grpc.CacheRegistryServ
 
 
 def wait_ready(
-    stub: api_grpc.CacheRegistryServiceStub, created: pb.ImageCache, *, zones: bool = False, timeout: float = 300
+    stub: api_grpc.CacheRegistryServiceStub,
+    created: pb.ImageCache,
+    *,
+    zones: bool = False,
+    timeout: float = 300,
 ) -> pb.ImageCache:
     """Follow the cache on the change feed until READY (and, with ``zones``, every zone AVAILABLE)."""
     stream = stub.WatchImageCaches(
