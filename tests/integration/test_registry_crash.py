@@ -1,0 +1,149 @@
+"""`kill -9` of the registry service while it pulls, then a restart: the build resumes to READY.
+
+Runs the real `snapcache serve` process on a data directory, kills it with SIGKILL once the
+build's progress shows bytes pulled, starts it again on the same data directory, and checks that
+the cache ends READY, that finished blobs were not fetched twice, and that nothing is left over.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+
+from snapcache.demo.oci_images import ImageSpec, LayerSpec, build_image, push_image
+from snapcache.v1 import cache_registry_pb2 as api
+from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
+from snapcache.v1 import image_cache_pb2 as pb
+from tests.support.oci_fixtures import OciRegistry
+
+pytestmark = pytest.mark.e2e
+
+BLOB_GET = re.compile(r'"GET /v2/[^ ]+/blobs/(sha256:[0-9a-f]{64}) HTTP/1\.1" (\d+)')
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serve(data_dir: Path, port: int, database_url: str) -> Iterator[subprocess.Popen[bytes]]:
+    command = [
+        sys.executable,
+        "-m",
+        "snapcache.cli.main",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--data-dir",
+        str(data_dir),
+        "--zone",
+        "zone-a",
+    ]
+    if database_url:
+        command += ["--database-url", database_url]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=open(data_dir.parent / f"serve-{port}.log", "ab")
+    )
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=30)
+        channel.close()
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def blob_fetches(registry: OciRegistry) -> Counter[str]:
+    """Completed blob downloads per digest, from the registry's access log."""
+    return Counter(d for d, status in BLOB_GET.findall(registry.server.read_log()) if status == "200")
+
+
+def test_kill_during_pull_then_restart_resumes_to_ready(
+    tmp_path: Path, fresh_oci_registry: OciRegistry, database_url: str
+) -> None:
+    spec = ImageSpec("crash/app", "1.0", [LayerSpec(24 * 1024 * 1024, seed=900 + i) for i in range(12)])
+    built = build_image(spec, blob_dir=tmp_path / "blobs")
+    push_image(fresh_oci_registry.url, built)
+    fetched_by_push = blob_fetches(fresh_oci_registry)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    image = f"{fresh_oci_registry.host}/crash/app:1.0"
+
+    port = free_port()
+    with serve(data_dir, port, database_url) as process:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = api_grpc.CacheRegistryServiceStub(channel)
+        created = stub.CreateImageCache(
+            api.CreateImageCacheRequest(
+                image_cache=pb.ImageCache(
+                    images=[image], cache_size_gib=1, plain_http_registries=[fresh_oci_registry.host]
+                )
+            ),
+            timeout=10,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            cache = stub.GetImageCache(api.GetImageCacheRequest(name=created.name), timeout=5)
+            if cache.progress.phase == pb.BuildProgress.PULLING and cache.progress.bytes_done > 0:
+                break
+            assert cache.state == pb.ImageCache.CREATING, cache
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        channel.close()
+    assert cache.progress.bytes_done < cache.progress.bytes_total, "killed too late to test a resume"
+    builders = list((data_dir / "provider" / "builders").iterdir())
+    assert len(builders) == 1, "the killed build leaves its builder disk for the resume"
+
+    port = free_port()
+    with serve(data_dir, port, database_url):
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = api_grpc.CacheRegistryServiceStub(channel)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            cache = stub.GetImageCache(api.GetImageCacheRequest(name=created.name), timeout=5)
+            zones_done = all(z.state == pb.ZoneAvailability.AVAILABLE for z in cache.zone_availability)
+            if cache.state != pb.ImageCache.CREATING and zones_done:
+                break
+            time.sleep(0.05)
+        assert cache.state == pb.ImageCache.READY, f"{cache.state_reason}: {cache.state_message}"
+        assert cache.cached_images[0].manifest_digest == built.manifest_digest
+        assert cache.progress.attempt == 2
+        events = stub.ListImageCacheEvents(
+            api.ListImageCacheEventsRequest(parent=created.name), timeout=5
+        ).events
+        assert [e.reason for e in events].count("BuildStarted") == 2
+        channel.close()
+
+    # blobs finished before the kill were not downloaded again
+    fetched = blob_fetches(fresh_oci_registry) - fetched_by_push
+    layers = [layer.digest for layer in built.layers]
+    assert all(fetched[d] >= 1 for d in layers)
+    assert sum(fetched[d] for d in layers) < 2 * len(layers), fetched
+    # nothing orphaned: no builder disk, no partial download, no temporary snapshot
+    assert not any((data_dir / "provider" / "builders").iterdir())
+    leftovers = [
+        p for p in (data_dir / "provider").rglob("*") if ".tmp" in p.name or p.name.endswith(".partial")
+    ]
+    assert leftovers == []
+    assert os.path.isdir(data_dir / "provider")
