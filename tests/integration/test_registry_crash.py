@@ -55,9 +55,8 @@ def serve(data_dir: Path, port: int, database_url: str) -> Iterator[subprocess.P
     ]
     if database_url:
         command += ["--database-url", database_url]
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=open(data_dir.parent / f"serve-{port}.log", "ab")
-    )
+    with open(data_dir.parent / f"serve-{port}.log", "ab") as log_file:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log_file)
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         grpc.channel_ready_future(channel).result(timeout=30)
