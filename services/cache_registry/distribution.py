@@ -57,7 +57,6 @@ DOCKER_HUB = "docker.io"
 DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
 
 MiB = 1024 * 1024
-DOWNLOAD_CHUNK_BYTES = MiB
 MAX_MANIFEST_BYTES = 4 * MiB  # containerd's limit too
 MAX_CONFIG_BYTES = 16 * MiB
 # Tokens whose lifetime the realm does not state live 60 s (Docker token spec); refresh early.
@@ -72,6 +71,9 @@ _AUTH_SCHEME = re.compile(r"[\s,]*([A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*)")
 _AUTH_PARAM = re.compile(r"[\s,]*([A-Za-z0-9!#$%&'*+.^_`|~-]+)\s*=\s*(\"(?:[^\"\\]|\\.)*\"|[^\s,\"]*)")
 
 ChunkCallback = Callable[[int], None]
+# Blobs must arrive byte for byte as stored (their digest is over those bytes): ask servers not to
+# add a transfer compression on top. (Manifests may come gzip'ed; httpx decodes them.)
+_BLOB_HEADERS = {"Accept-Encoding": "identity"}
 
 
 # --- pure parts: challenges, platforms, sizes ------------------------------------------------
@@ -146,40 +148,46 @@ def layer_compression(media_type: str) -> Compression:
     return Compression.NONE
 
 
-# Deflate in stored mode adds 5 bytes per 65535-byte block, and nothing expands data more; gzip
-# adds a 10-byte header and an 8-byte trailer. So unpacked >= (compressed - 18) * 65535/65540.
-_GZIP_FRAMING_BYTES = 18
+# How much bigger than its content a compressed stream can be. Real encoders fall back to stored
+# (raw) blocks on incompressible data: deflate adds 5 bytes per block, and zlib and Go's
+# compress/flate (Docker, BuildKit) close a block every ~16 K symbols: +0.03%. zstd adds 3 bytes
+# per raw block of up to 128 KiB. Nothing in either format forbids smaller blocks, so we allow
+# 1/64 (1.6%) plus 1 KiB of framing: far above any common encoder, and still tight enough to tell
+# a wrapped 32-bit size from a real one. Too tight a floor would turn a legitimate incompressible
+# layer into a "wrapped" one and refuse a cache that fits.
+_FRAMING_SLACK_BYTES = 1024
+_EXPANSION_DIVISOR = 64
 # Deflate's best case is 258-byte matches at ~2 bits each: at most ~1032:1 (zlib's figure).
 _DEFLATE_MAX_RATIO = 1032
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_HEADER_PROBE_BYTES = 18  # magic 4 + descriptor 1 + window 1 + dictionary id 4 + content size 8
-# zstd's raw blocks add 3 bytes per 128 KiB; plus at most 18 header and 4 checksum bytes.
-_ZSTD_FRAMING_BYTES = 22
 # When a zstd stream does not state its size (streaming encoders usually do not), we estimate.
 # Container layers (binaries, text, package databases) typically unpack to 2-4x their zstd size;
 # 3x keeps the cache-size check useful without refusing caches that would fit most of the time.
 ZSTD_ESTIMATED_RATIO = 3
 
 
-def _deflate_floor(compressed_size: int) -> int:
-    return max(0, (compressed_size - _GZIP_FRAMING_BYTES) * 65535 // 65540)
+def _content_floor(compressed_size: int) -> int:
+    """The least content a stream of ``compressed_size`` bytes can hold (see the slack above)."""
+    return max(0, (compressed_size - _FRAMING_SLACK_BYTES) * (_EXPANSION_DIVISOR - 1) // _EXPANSION_DIVISOR)
 
 
 def gzip_uncompressed_size(*, isize: int, compressed_size: int) -> int | None:
     """The unpacked size of a gzip layer from its ISIZE trailer field (size mod 2**32).
 
     A layer of 4 GiB or more wraps ISIZE: the true size is ``isize + k * 2**32`` for some k >= 0.
-    Deflate never expands data by more than 5 bytes per 65535 (stored blocks), which puts a floor
-    under the true size given the compressed size; we answer the smallest candidate at or above
-    that floor. That is exact whenever compression saved less than 4 GiB on the layer (every
-    layer under 4 GiB, and every larger one not made mostly of long runs); otherwise it is low by
-    a multiple of 4 GiB, which no method short of decompressing can tell.
+    Compression cannot make data much *bigger* (stored blocks; see ``_EXPANSION_DIVISOR``), which
+    puts a floor under the true size given the compressed size; we answer the smallest candidate
+    at or above that floor. That is exact whenever the true size is less than the floor plus
+    4 GiB: every layer under 4 GiB, and every larger one that compression shrank by less than
+    ~4 GiB (incompressible data of any size included). Otherwise it is low by a multiple of
+    4 GiB, which no method short of decompressing can tell.
 
     ``None`` when ISIZE cannot describe this stream: the answer would need a ratio beyond
     deflate's maximum, i.e. the trailer belongs to the last member of a multi-member gzip
     (eStargz) rather than to the whole layer.
     """
-    floor = _deflate_floor(compressed_size)
+    floor = _content_floor(compressed_size)
     wraps = 0 if isize >= floor else -(-(floor - isize) // 2**32)
     size = isize + wraps * 2**32
     if size > _DEFLATE_MAX_RATIO * compressed_size + 2**16:
@@ -210,7 +218,7 @@ def zstd_uncompressed_size(*, header: bytes, compressed_size: int) -> int:
     ``ZSTD_ESTIMATED_RATIO`` times the compressed size.
     """
     stated = zstd_frame_content_size(header)
-    floor = max(0, (compressed_size - _ZSTD_FRAMING_BYTES) * 131072 // 131075)
+    floor = _content_floor(compressed_size)
     if stated is not None and stated >= floor:
         return stated
     return compressed_size * ZSTD_ESTIMATED_RATIO
@@ -310,7 +318,7 @@ def _registry_errors(response: httpx.Response) -> list[str]:
     """The ``errors[].code`` values of a registry error body (read at most 64 KiB of it)."""
     data = b""
     try:
-        for chunk in response.iter_raw():
+        for chunk in response.iter_bytes():
             data += chunk
             if len(data) > 65536:
                 return []
@@ -436,8 +444,18 @@ class DistributionClient:
 
     # -- public operations --
 
-    def resolve(self, reference: ImageReference, *, platform: Platform) -> ResolvedImage:
-        """Resolve a tag or digest to the verified manifest and config for ``platform``."""
+    def resolve(
+        self,
+        reference: ImageReference,
+        *,
+        platform: Platform,
+        known_blob: Callable[[str], bytes | None] | None = None,
+    ) -> ResolvedImage:
+        """Resolve a tag or digest to the verified manifest and config for ``platform``.
+
+        ``known_blob(digest)`` may return a blob the caller already holds verified (a resumed
+        build's config), which is then checked again and not fetched.
+        """
         target = reference.digest or reference.tag or "latest"
         top, body = self._get_manifest(reference, target, expected_digest=reference.digest)
         index: Descriptor | None = None
@@ -472,7 +490,12 @@ class DistributionClient:
             raise _failure(
                 "MANIFEST_INVALID", f"config of {reference} is {config.size} bytes, over the limit"
             )
-        config_bytes = self.fetch_blob(reference, config)
+        held = known_blob(config.digest) if known_blob is not None else None
+        if held is not None:
+            self._verify(reference, config, held)
+            config_bytes = held
+        else:
+            config_bytes = self.fetch_blob(reference, config)
         if index is None:
             found_platform = self._config_platform(reference, config_bytes, platform)
         return ResolvedImage(
@@ -490,9 +513,14 @@ class DistributionClient:
     def fetch_blob(self, reference: ImageReference, descriptor: Descriptor) -> bytes:
         """A small blob (a config) in memory, verified."""
         with self._stream(
-            "GET", reference, f"blobs/{descriptor.digest}", what=f"blob {descriptor.digest}"
-        ) as (response):
-            data = b"".join(response.iter_raw())
+            "GET",
+            reference,
+            f"blobs/{descriptor.digest}",
+            what=f"blob {descriptor.digest}",
+            headers=_BLOB_HEADERS,
+            follow_redirects=True,
+        ) as response:
+            data = b"".join(response.iter_bytes())
         self._verify(reference, descriptor, data)
         return data
 
@@ -503,13 +531,15 @@ class DistributionClient:
         destination: Path,
         *,
         on_chunk: ChunkCallback | None = None,
-        chunk_bytes: int = DOWNLOAD_CHUNK_BYTES,
     ) -> None:
         """Stream a blob to ``destination`` via ``<destination>.partial``, hashing as it is written.
 
-        ``on_chunk(n)`` runs before each chunk is written; raising from it (a full disk, a
-        cancelled build) aborts the download. On any failure the partial file is removed, so
-        ``destination`` exists only with verified content.
+        One pass over the data: each chunk as the connection delivers it (up to 64 KiB, httpcore's
+        read size) is hashed and written with one system call. Re-chunking to 1 MiB, in httpx
+        or in a buffered writer, only adds a copy of every byte: measured no faster, often
+        slower. ``on_chunk(n)`` runs before each chunk is written; raising from it (a full disk,
+        a cancelled build) aborts the download. On any failure the partial file is removed, so
+        ``destination`` only ever holds verified content.
         """
         partial = destination.with_name(destination.name + ".partial")
         hasher = hashlib.sha256()
@@ -521,11 +551,12 @@ class DistributionClient:
                     reference,
                     f"blobs/{descriptor.digest}",
                     what=f"blob {descriptor.digest}",
+                    headers=_BLOB_HEADERS,
                     follow_redirects=True,
                 ) as response,
                 partial.open("wb") as handle,
             ):
-                for chunk in response.iter_raw(chunk_bytes):
+                for chunk in response.iter_bytes():
                     written += len(chunk)
                     if written > descriptor.size:
                         raise _failure(
@@ -558,7 +589,7 @@ class DistributionClient:
             reference,
             f"blobs/{layer.digest}",
             what=f"blob {layer.digest}",
-            headers={"Range": byte_range},
+            headers={**_BLOB_HEADERS, "Range": byte_range},
             follow_redirects=True,
         ) as response:
             if response.status_code != 206:
@@ -576,7 +607,7 @@ class DistributionClient:
         ) as response:
             chunks: list[bytes] = []
             size = 0
-            for chunk in response.iter_raw():
+            for chunk in response.iter_bytes():
                 size += len(chunk)
                 if size > MAX_MANIFEST_BYTES:
                     raise _failure("MANIFEST_INVALID", f"manifest of {reference} is larger than 4 MiB")

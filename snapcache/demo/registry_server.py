@@ -70,15 +70,19 @@ class RegistryServer:
         self.config_path = self.directory / "config.yml"
         self.log_path = self.directory / "registry.log"
         self.htpasswd_path: Path | None = self.directory / "htpasswd" if users else None
-        self.port = port or _free_port()
-        self.host = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.host}"
+        self._pick_port = port == 0  # until the first successful start
+        self._set_port(port or _free_port())
         self.auth_enabled = bool(users)
         self._users = dict(users or {})
         self._start_timeout = start_timeout_seconds
         self._binary = binary
         self._process: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
+
+    def _set_port(self, port: int) -> None:
+        self.port = port
+        self.host = f"127.0.0.1:{port}"
+        self.url = f"http://{self.host}"
 
     def __repr__(self) -> str:  # users' passwords stay out of reprs
         return f"RegistryServer(url={self.url!r}, auth={self.auth_enabled}, running={self.running})"
@@ -95,6 +99,20 @@ class RegistryServer:
 
     def start(self) -> None:
         """Start the registry (again, on the same port and storage) and wait until it answers."""
+        for _ in range(3):
+            try:
+                self._start_once()
+            except RegistryStartError as exc:
+                # a free port we chose can be taken before the registry binds it: choose again
+                if not (self._pick_port and "address already in use" in str(exc)):
+                    raise
+                self._set_port(_free_port())
+            else:
+                self._pick_port = False
+                return
+        raise RegistryStartError(f"registry found no free port after 3 tries:\n{self._log_tail()}")
+
+    def _start_once(self) -> None:
         if self.running:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
