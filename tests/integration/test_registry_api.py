@@ -515,3 +515,36 @@ def test_list_revision_plus_watch_misses_nothing(harness: Harness) -> None:
     message = next(stream)
     stream.cancel()
     assert message.image_cache.name == late.name and message.revision > page.revision
+
+
+def test_startup_reconcile_removes_orphans_and_keeps_live_work(harness: Harness) -> None:
+    ready = create(harness, "nginx")
+    harness.settle()
+    building = create(harness, "redis")  # stays CREATING: its builder disk is live work
+    cache = harness.registry.get(name=building.name)
+    live_builder = f"{cache.cache_id}-{cache.build_id}"
+    provider = harness.provider
+    provider.builders |= {live_builder, "imc-gone0000-dead"}
+    provider.snapshots.add("snap-orphan")
+    provider.zone_copies |= {("snap-orphan", "zone-a")}
+    provider.disks["disk-orphan"] = ("snap-orphan", "zone-a")
+    kept_snapshot = harness.registry.get(name=ready.name).snapshot_id
+
+    harness.worker.reconcile(startup=True)
+
+    assert provider.builders == {live_builder}
+    assert provider.snapshots == {kept_snapshot}
+    assert ("snap-orphan", "zone-a") not in provider.zone_copies
+    assert "disk-orphan" not in provider.disks
+    assert {c for c in provider.zone_copies if c[0] == kept_snapshot} == {
+        (kept_snapshot, "zone-a"),
+        (kept_snapshot, "zone-b"),
+    }
+
+
+def test_periodic_reconcile_waits_for_a_grace_period(harness: Harness) -> None:
+    harness.provider.disks["disk-in-flight"] = ("snap-x", "zone-a")
+    harness.worker.reconcile(startup=False)
+    assert "disk-in-flight" in harness.provider.disks, (
+        "a provision in flight must not be removed at first sight"
+    )
