@@ -1,0 +1,240 @@
+"""``snapcache serve``: the embedded default, every service in one process until SIGTERM/SIGINT.
+
+Each service is a `Component`: started in order, drained (health NOT_SERVING, so load
+balancers and kubelet probes stop sending work) and then stopped in reverse order. Today the
+cache registry is the only one; the matcher and the scheduler extender join as components of
+their own, each with its own options, without changing how serving, signals or shutdown work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from services.cache_registry.server import RegistryApp, RegistryConfig, ZoneConfig
+from snapcache.cli.client import CommandFailed
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_ZONES = (ZoneConfig("local-a"), ZoneConfig("local-b"))
+_STOP_GRACE_SECONDS = 5.0
+
+
+class Component(Protocol):
+    """One service run by `snapcache serve`."""
+
+    name: str
+
+    def start(self) -> str:
+        """Start serving; return where (``cache registry on 127.0.0.1:50051``)."""
+
+    def drain(self) -> None:
+        """Report NOT_SERVING; keep answering calls in flight."""
+
+    def stop(self) -> None:
+        """Stop; safe to call after a failed or partial start."""
+
+
+@dataclass
+class RegistryComponent:
+    """The cache registry (gRPC API, lifecycle worker, database) as a component."""
+
+    config: RegistryConfig
+    name: str = "cache registry"
+    app: RegistryApp | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` it listens on, with the real port when the config said 0."""
+        assert self.app is not None, "not started"
+        host = self.config.listen.rpartition(":")[0]
+        return f"{host}:{self.app.port}"
+
+    def start(self) -> str:
+        """Migrate the database, start the worker and the gRPC server."""
+        self.app = RegistryApp(self.config)
+        try:
+            self.app.start()
+        except BaseException:
+            self.stop()
+            raise
+        database = self.app.engine.url.render_as_string(hide_password=True)
+        return f"{self.name} on {self.address} (data {self.config.data_dir}, database {database})"
+
+    def drain(self) -> None:
+        """Health NOT_SERVING for the registry's services."""
+        if self.app is not None and self.app.server is not None:
+            self.app.server.set_serving(False)
+
+    def stop(self) -> None:
+        """Stop serving, stop the worker, close the database."""
+        if self.app is not None:
+            self.app.stop(_STOP_GRACE_SECONDS)
+            self.app = None
+
+
+def start_all(components: Sequence[Component]) -> list[str]:
+    """Start components in order; on a failure stop those already started and re-raise."""
+    started: list[Component] = []
+    lines = []
+    try:
+        for component in components:
+            lines.append(component.start())
+            started.append(component)
+    except BaseException:
+        stop_all(started)
+        raise
+    return lines
+
+
+def stop_all(components: Sequence[Component]) -> None:
+    """Drain every component, then stop them in reverse order of starting."""
+    for component in components:
+        component.drain()
+    for component in reversed(components):
+        try:
+            component.stop()
+        except Exception:
+            log.exception("stopping the %s failed", component.name)
+
+
+def start_or_explain(components: Sequence[Component]) -> list[str]:
+    """`start_all`, with the failures a user can fix turned into `CommandFailed`."""
+    try:
+        return start_all(components)
+    except SQLAlchemyError as exc:
+        raise CommandFailed(f"cannot open the database: {exc}") from exc
+    except OSError as exc:  # the port is taken, the data directory is not writable
+        raise CommandFailed(f"cannot start: {exc}") from exc
+
+
+def wait_for_signal() -> str:
+    """Block until SIGTERM or SIGINT (main thread only); return the signal's name.
+
+    A second signal during shutdown gets the default behaviour, so an impatient Ctrl-C still
+    ends the process.
+    """
+    received: list[str] = []
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        received.append(signal.Signals(signum).name)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    while not stop.wait(0.5):
+        pass
+    return received[0]
+
+
+def _zone(text: str) -> ZoneConfig:
+    name, equals, limit = text.partition("=")
+    if not name:
+        raise argparse.ArgumentTypeError(f"expected NAME[=MAX_DISKS], got {text!r}")
+    if not equals:
+        return ZoneConfig(name)
+    try:
+        max_disks = int(limit)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"MAX_DISKS of zone {name!r} must be an integer") from None
+    if max_disks < 0:
+        raise argparse.ArgumentTypeError(f"MAX_DISKS of zone {name!r} must be >= 0 (0: unlimited)")
+    return ZoneConfig(name, max_disks=max_disks)
+
+
+def default_data_dir() -> Path:
+    """``$SNAPCACHE_DATA_DIR`` or ``~/.local/share/snapcache``."""
+    return Path(os.environ.get("SNAPCACHE_DATA_DIR") or "~/.local/share/snapcache").expanduser()
+
+
+def database_url(text: str) -> str:
+    """Accept the PostgreSQL URLs people paste (``postgres://``, ``postgresql://``).
+
+    SQLAlchemy would read those as psycopg2, which is not installed; psycopg 3 is.
+    """
+    for prefix in ("postgres://", "postgresql://"):
+        if text.startswith(prefix):
+            return "postgresql+psycopg://" + text.removeprefix(prefix)
+    return text
+
+
+def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> None:
+    """Add ``serve`` to the top-level subcommands."""
+    serve = subparsers.add_parser(
+        "serve",
+        parents=parents,
+        help="run the services (embedded default: SQLite, local disks)",
+        description="Run the cache registry until SIGTERM or SIGINT.",
+    )
+    serve.add_argument(
+        "--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT", help="gRPC address (default %(default)s)"
+    )
+    serve.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="state directory (default $SNAPCACHE_DATA_DIR or ~/.local/share/snapcache)",
+    )
+    serve.add_argument(
+        "--database-url",
+        default="",
+        metavar="URL",
+        help="sqlite:///PATH or postgresql://USER@HOST/DB (default SQLite in the data directory)",
+    )
+    serve.add_argument(
+        "--zone",
+        type=_zone,
+        action="append",
+        default=None,
+        metavar="NAME[=MAX_DISKS]",
+        help="a zone of the local provider (repeatable; default local-a and local-b)",
+    )
+    serve.add_argument(
+        "--max-concurrent-builds", type=int, default=2, metavar="N", help="builds at once (default 2)"
+    )
+    serve.set_defaults(handler=run_serve, default_log_level="info")
+
+
+def registry_config(args: argparse.Namespace) -> RegistryConfig:
+    """The registry's configuration from ``serve`` options."""
+    return RegistryConfig(
+        data_dir=(args.data_dir or default_data_dir()).expanduser().resolve(),
+        listen=args.listen,
+        database_url=database_url(args.database_url),
+        zones=tuple(args.zone or DEFAULT_ZONES),
+        max_concurrent_builds=args.max_concurrent_builds,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Start every component, say where they listen, serve until a signal, shut down cleanly."""
+    config = registry_config(args)
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise CommandFailed(f"invalid configuration: {exc}", exit_code=2) from exc
+    components: list[Component] = [RegistryComponent(config)]
+    where = start_or_explain(components)
+    print("snapcache serving: " + "; ".join(where), flush=True)
+    try:
+        name = wait_for_signal()
+        log.info("%s received; shutting down", name)
+    finally:
+        stop_all(components)
+    log.info("stopped")
+    return 0
