@@ -86,9 +86,9 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler: Any = continuation(handler_call_details)
         if handler is None:
             return None
@@ -105,7 +105,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                     _abort(context, exc, method)
                     raise  # unreachable: abort raises
 
-            wrapped: grpc.RpcMethodHandler = grpc.unary_unary_rpc_method_handler(
+            wrapped: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(
                 unary_unary,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
@@ -123,7 +123,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                     _abort(context, exc, method)
                     raise
 
-            streaming: grpc.RpcMethodHandler = grpc.unary_stream_rpc_method_handler(
+            streaming: grpc.RpcMethodHandler[Any, Any] = grpc.unary_stream_rpc_method_handler(
                 unary_stream,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
@@ -134,7 +134,9 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
 def _is_abort(exc: Exception, context: grpc.ServicerContext) -> bool:
     # context.abort() raises a bare Exception after setting the code; let it through unchanged.
-    return type(exc) is Exception and context.code() is not None
+    # ServicerContext.code() exists at run time (grpcio >= 1.38) but not in every stub release
+    code: Callable[[], object] = getattr(context, "code")  # noqa: B009
+    return type(exc) is Exception and code() is not None
 
 
 def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
