@@ -7,7 +7,6 @@ PostgreSQL, against `docker-registry` processes holding images the tests pushed.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -266,44 +265,3 @@ def test_delete_removes_everything_on_disk(
     app.provider.collect_garbage()
     cas = [p for p in (app.config.data_dir / "provider").rglob("sha256/*") if p.is_file()]
     assert cas == [], "no blob of a deleted cache may stay behind"
-
-
-def test_grpcurl_list_describe_create_get(app: RegistryApp, pushed_images: PushedImages) -> None:
-    address = f"127.0.0.1:{app.port}"
-    env = {**os.environ}
-
-    def grpcurl(*args: str) -> str:
-        result = subprocess.run(
-            ["grpcurl", "-plaintext", *args], capture_output=True, text=True, timeout=30, env=env
-        )
-        assert result.returncode == 0, result.stderr
-        return result.stdout
-
-    services = grpcurl(address, "list").split()
-    assert {
-        "snapcache.v1.CacheRegistryService",
-        "grpc.health.v1.Health",
-        "grpc.reflection.v1alpha.ServerReflection",
-    } <= set(services)
-    described = grpcurl(address, "describe", "snapcache.v1.CacheRegistryService")
-    assert "rpc CreateImageCache" in described and "rpc WatchImageCaches" in described
-    assert "SERVING" in grpcurl(address, "grpc.health.v1.Health/Check")
-    body = json.dumps(
-        {
-            "image_cache": {
-                "images": [str(pushed_images.worker.reference)],
-                "plain_http_registries": [pushed_images.registry.host],
-            }
-        }
-    )
-    created = json.loads(grpcurl("-d", body, address, "snapcache.v1.CacheRegistryService/CreateImageCache"))
-    assert created["state"] == "CREATING" and created["name"].startswith("imageCaches/imc-")
-    got = json.loads(
-        grpcurl(
-            "-d",
-            json.dumps({"name": created["name"]}),
-            address,
-            "snapcache.v1.CacheRegistryService/GetImageCache",
-        )
-    )
-    assert got["name"] == created["name"] and got["images"] == [str(pushed_images.worker.reference)]

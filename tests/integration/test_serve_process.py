@@ -1,4 +1,4 @@
-"""`kill -9` of the registry service while it pulls, then a restart: the build resumes to READY.
+"""The real `snapcache serve` process: grpcurl against it, and `kill -9` mid-pull then a restart.
 
 Runs the real `snapcache serve` process on a data directory, kills it with SIGKILL once the
 build's progress shows bytes pulled, starts it again on the same data directory, and checks that
@@ -7,6 +7,7 @@ the cache ends READY, that finished blobs were not fetched twice, and that nothi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -26,7 +27,7 @@ from snapcache.demo.oci_images import ImageSpec, LayerSpec, build_image, push_im
 from snapcache.v1 import cache_registry_pb2 as api
 from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
 from snapcache.v1 import image_cache_pb2 as pb
-from tests.support.oci_fixtures import OciRegistry
+from tests.support.oci_fixtures import OciRegistry, PushedImages
 
 pytestmark = pytest.mark.e2e
 
@@ -146,3 +147,51 @@ def test_kill_during_pull_then_restart_resumes_to_ready(
     ]
     assert leftovers == []
     assert os.path.isdir(data_dir / "provider")
+
+
+def test_grpcurl_list_describe_create_get(pushed_images: PushedImages, tmp_path: Path) -> None:
+    port = free_port()
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with serve(data_dir, port, ""):
+        grpcurl_session(f"127.0.0.1:{port}", pushed_images)
+
+
+def grpcurl_session(address: str, pushed_images: PushedImages) -> None:
+    env = {**os.environ}
+
+    def grpcurl(*args: str) -> str:
+        result = subprocess.run(
+            ["grpcurl", "-plaintext", *args], capture_output=True, text=True, timeout=30, env=env
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    services = grpcurl(address, "list").split()
+    assert {
+        "snapcache.v1.CacheRegistryService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= set(services)
+    described = grpcurl(address, "describe", "snapcache.v1.CacheRegistryService")
+    assert "rpc CreateImageCache" in described and "rpc WatchImageCaches" in described
+    assert "SERVING" in grpcurl(address, "grpc.health.v1.Health/Check")
+    body = json.dumps(
+        {
+            "image_cache": {
+                "images": [str(pushed_images.worker.reference)],
+                "plain_http_registries": [pushed_images.registry.host],
+            }
+        }
+    )
+    created = json.loads(grpcurl("-d", body, address, "snapcache.v1.CacheRegistryService/CreateImageCache"))
+    assert created["state"] == "CREATING" and created["name"].startswith("imageCaches/imc-")
+    got = json.loads(
+        grpcurl(
+            "-d",
+            json.dumps({"name": created["name"]}),
+            address,
+            "snapcache.v1.CacheRegistryService/GetImageCache",
+        )
+    )
+    assert got["name"] == created["name"] and got["images"] == [str(pushed_images.worker.reference)]
