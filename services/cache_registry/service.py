@@ -54,6 +54,7 @@ from snapcache.errors import (
     NotFound,
     OutOfRange,
     ResourceExhausted,
+    invalid,
 )
 
 log = logging.getLogger(__name__)
@@ -326,11 +327,7 @@ class CacheRegistry:
     ) -> Iterator[Change | Heartbeat]:
         """Changes after ``start_revision`` in order, then live ones, until the caller goes away."""
         if start_revision < 0:
-            raise InvalidArgument(
-                reason="INVALID_FIELD",
-                message="start_revision: must not be negative",
-                violations=(FieldViolation("start_revision", "must not be negative"),),
-            )
+            raise invalid("start_revision", "must not be negative")
         cache_id = parse_cache_name(name) if name else ""
         if self._watchers >= self._settings.max_watchers:
             raise ResourceExhausted(
@@ -420,11 +417,7 @@ class CacheRegistry:
         """A disk from a READY cache's snapshot in ``zone``; idempotent per disk id."""
         cache_id = parse_cache_name(parent, field="parent")
         if not zone:
-            raise InvalidArgument(
-                reason="INVALID_FIELD",
-                message="zone: required",
-                violations=(FieldViolation("zone", "required"),),
-            )
+            raise invalid("zone", "required")
         chosen = DiskId(check_disk_id(disk_id) if disk_id else f"disk-{secrets.token_hex(6)}")
         with self._db.transaction(write=False) as session:
             cache = self._require(store.get_cache(session, cache_id=cache_id), cache_id)
@@ -517,20 +510,12 @@ class CacheRegistry:
     def report_matches(self, *, hits: Sequence[MatchHits]) -> tuple[int, int]:
         """Add matchers' hit counts; return (applied, unknown)."""
         if len(hits) > 1000:
-            raise InvalidArgument(
-                reason="INVALID_FIELD",
-                message="matches: at most 1000 entries per report",
-                violations=(FieldViolation("matches", "at most 1000 entries"),),
-            )
+            raise invalid("matches", "at most 1000 entries per report")
         parsed: dict[CacheId, MatchHits] = {}
         for i, hit in enumerate(hits):
             cache_id = parse_cache_name(hit.name, field=f"matches[{i}].name")
             if hit.count < 1:
-                raise InvalidArgument(
-                    reason="INVALID_FIELD",
-                    message=f"matches[{i}].count: must be at least 1",
-                    violations=(FieldViolation(f"matches[{i}].count", "must be at least 1"),),
-                )
+                raise invalid(f"matches[{i}].count", "must be at least 1")
             prior = parsed.get(cache_id)
             parsed[cache_id] = (
                 hit
