@@ -30,17 +30,17 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cache_registry.server import RegistryApp, RegistryConfig
-from snapcache.cli.log_format import JsonLinesFormatter
-from snapcache.cli.main import main
-from snapcache.cli.progress import ProgressDisplay
-from snapcache.cli.render import format_bytes, format_duration
 from snapcache.demo.oci_images import ImageSpec, LayerSpec, build_image, push_image
 from snapcache.v1 import cache_registry_pb2 as api
 from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
 from snapcache.v1 import image_cache_pb2 as pb
+from snapcache_cli.log_format import JsonLinesFormatter
+from snapcache_cli.main import main
+from snapcache_cli.progress import ProgressDisplay
+from snapcache_cli.render import format_bytes, format_duration
 from tests.support.oci_fixtures import OciRegistry
 
-CLI = [sys.executable, "-m", "snapcache.cli.main"]
+CLI = [sys.executable, "-m", "snapcache_cli.main"]
 
 
 @dataclass(frozen=True)

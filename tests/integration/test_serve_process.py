@@ -45,7 +45,7 @@ def serve(data_dir: Path, port: int, database_url: str) -> Iterator[subprocess.P
     command = [
         sys.executable,
         "-m",
-        "snapcache.cli.main",
+        "snapcache_cli.main",
         "serve",
         "--listen",
         f"127.0.0.1:{port}",

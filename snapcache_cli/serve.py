@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.cache_registry.server import RegistryApp, RegistryConfig, ZoneConfig
-from snapcache.cli.client import CommandFailed
+from snapcache_cli.client import CommandFailed
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,16 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from snapcache.cli.client import (
+from snapcache.v1 import image_cache_pb2 as pb
+from snapcache_cli.client import (
     CACHE_NAME_PREFIX,
     CommandFailed,
     RegistryClient,
     WaitTimeout,
     cache_name,
 )
-from snapcache.cli.progress import ProgressDisplay
-from snapcache.cli.render import (
+from snapcache_cli.progress import ProgressDisplay
+from snapcache_cli.render import (
     all_zones_settled,
     cache_table,
     describe_cache,
@@ -31,7 +32,6 @@ from snapcache.cli.render import (
     state_name,
     to_json,
 )
-from snapcache.v1 import image_cache_pb2 as pb
 
 DEFAULT_WAIT_TIMEOUT_SECONDS = 600.0
 _BUILDING = (pb.ImageCache.CREATING, pb.ImageCache.UPDATING)

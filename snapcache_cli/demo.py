@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from services.cache_registry.server import RegistryConfig
-from snapcache.cli.cache_commands import build_failure, positive_seconds, wait_until_built
-from snapcache.cli.client import CommandFailed, RegistryClient
-from snapcache.cli.render import describe_cache, describe_disk, events_table, to_dict
-from snapcache.cli.serve import RegistryComponent, start_or_explain, stop_all, wait_for_signal
 from snapcache.demo.oci_images import PushedImage, push_demo_images
 from snapcache.demo.registry_server import REGISTRY_BINARY, RegistryServer, RegistryStartError
 from snapcache.v1 import image_cache_pb2 as pb
+from snapcache_cli.cache_commands import build_failure, positive_seconds, wait_until_built
+from snapcache_cli.client import CommandFailed, RegistryClient
+from snapcache_cli.render import describe_cache, describe_disk, events_table, to_dict
+from snapcache_cli.serve import RegistryComponent, start_or_explain, stop_all, wait_for_signal
 
 DEFAULT_TIMEOUT_SECONDS = 120.0
 _SKOPEO_TIMEOUT_SECONDS = 30.0

@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Final, TextIO
 
-from snapcache.cli.render import format_bytes, phase_name, state_name, zone_summary
 from snapcache.v1 import image_cache_pb2 as pb
+from snapcache_cli.render import format_bytes, phase_name, state_name, zone_summary
 
 _BAR_WIDTH: Final = 24
 _CLEAR_LINE: Final = "\r\x1b[K"

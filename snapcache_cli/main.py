@@ -13,15 +13,15 @@ import os
 import sys
 from collections.abc import Sequence
 
-from snapcache.cli import cache_commands, demo, serve
-from snapcache.cli.client import (
+from snapcache_cli import cache_commands, demo, serve
+from snapcache_cli.client import (
     DEFAULT_RPC_TIMEOUT_SECONDS,
     CommandFailed,
     RpcFailure,
     WaitTimeout,
     failure_lines,
 )
-from snapcache.cli.log_format import LEVELS, configure_logging
+from snapcache_cli.log_format import LEVELS, configure_logging
 
 DEFAULT_REGISTRY = "127.0.0.1:50051"
 _INTERRUPTED = 130
