@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NewType
 
+from snapcache.cache_names import CACHE_NAME_PREFIX as CACHE_NAME_PREFIX  # noqa: PLC0414 (re-export)
+
 CacheId = NewType("CacheId", str)
 DiskId = NewType("DiskId", str)
-
-CACHE_NAME_PREFIX = "imageCaches/"
 
 
 class CacheState(enum.Enum):

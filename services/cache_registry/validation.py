@@ -10,7 +10,9 @@ import re
 from collections.abc import Collection, Sequence
 from pathlib import PurePosixPath
 
-from services.cache_registry.model import CACHE_NAME_PREFIX, CacheId, CacheSpec, CredentialRef
+from services.cache_registry.model import CacheId, CacheSpec, CredentialRef
+from snapcache import cache_names
+from snapcache.cache_names import CACHE_ID_PATTERN
 from snapcache.errors import FieldViolation, InvalidArgument
 from snapcache.images import InvalidImageReference, parse_image_reference
 
@@ -24,7 +26,6 @@ MAX_DISPLAY_NAME = 63
 MAX_REGISTRY_HOSTS = 64
 DEFAULT_PLATFORM = "linux/amd64"
 
-CACHE_ID_PATTERN = re.compile(r"imc-[a-z0-9]{8}")
 DISK_ID_PATTERN = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _LABEL_NAME = re.compile(r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*")
@@ -39,16 +40,7 @@ _ZONE = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 
 def parse_cache_name(name: str, *, field: str = "name") -> CacheId:
     """`imageCaches/imc-xxxxxxxx` (or the bare id) -> the id; INVALID_ARGUMENT otherwise."""
-    cache_id = name.removeprefix(CACHE_NAME_PREFIX)
-    if not CACHE_ID_PATTERN.fullmatch(cache_id):
-        raise InvalidArgument(
-            reason="INVALID_NAME",
-            message=f"{field}: {name!r} is not an image cache name (imageCaches/imc-xxxxxxxx)",
-            violations=(
-                FieldViolation(field, "must be imageCaches/imc- followed by 8 lowercase letters or digits"),
-            ),
-        )
-    return CacheId(cache_id)
+    return CacheId(cache_names.parse_cache_name(name, field=field))
 
 
 def check_cache_id(cache_id: str, *, field: str = "image_cache_id") -> CacheId:
