@@ -1,0 +1,437 @@
+"""Matching a pod's images to caches: the policies, the search, and the explanation.
+
+Pure: takes the index, a validated request and the time; returns a decision, ranked candidates
+and the rejected caches with a reason each. The search is exact (the tests hold it against a
+brute-force reference) but does not look at every cache:
+
+- EXACT (TKE): a qualifying cache holds every pod image, so it is in the posting of the pod's
+  rarest image. That posting is already in TKE's order (smaller cache, newer, name), so the walk
+  stops as soon as it has the candidates it was asked for.
+- BYTES_COVERED / IMAGES_COVERED (Huawei size / quantity): postings are read rarest first. After
+  reading some of them, a cache not seen yet lacks all their images, which bounds its score (the
+  count, or the sum of the other postings' largest bytes); the search stops once the candidates
+  it holds beat that bound, or once an unseen cache could not reach `min_covered`.
+
+Rejections are the closest misses among the caches examined (most images covered first); when
+the search stopped early or found more than it may list, the answer says it was truncated.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from services.matcher.index import CacheEntry, CacheIndex, CacheState, HeldImage, Posting
+from services.matcher.match_requests import MatchRequest, PodImage, Policy
+
+RankKey = tuple[int, int, int, str]
+
+# How many more caches a search that found no candidate examines, beyond the rarest image's
+# posting, to explain the miss; bounds the cost of a pod whose images are all common.
+EXPLAIN_BUDGET = 512
+
+
+class Decision(enum.Enum):
+    """What the matcher concluded (numbers as in the API)."""
+
+    MATCHED = 1
+    NO_MATCH = 2
+    MANUAL_NOT_FOUND = 3
+    MANUAL_NOT_READY = 4
+    MANUAL_NOT_AVAILABLE = 5
+    MANUAL_TOO_FEW_IMAGES = 6
+
+
+class Action(enum.Enum):
+    """What the caller should do (numbers as in the API)."""
+
+    USE_CACHE = 1
+    PULL_IMAGES = 2
+    REJECT = 3
+
+
+class RejectReason(enum.Enum):
+    """Why a cache did not qualify (numbers as in the API)."""
+
+    NOT_READY = 1
+    EXPIRED = 2
+    MISSING_IMAGES = 3
+    TOO_FEW_IMAGES = 4
+    NOT_AVAILABLE_IN_ZONES = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    """What a cache holds of the pod's images."""
+
+    covered: tuple[tuple[PodImage, HeldImage], ...]
+    missing: tuple[PodImage, ...]
+    bytes_covered: int
+
+    @property
+    def count(self) -> int:
+        """How many of the pod's distinct images the cache holds."""
+        return len(self.covered)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A cache that qualifies."""
+
+    entry: CacheEntry
+    coverage: Coverage
+    available_zones: tuple[str, ...]
+    hydrating_zones: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A cache that was considered and did not qualify."""
+
+    entry: CacheEntry
+    reason: RejectReason
+    coverage: Coverage
+    hydrating_zones: tuple[str, ...]
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class MatchOutcome:
+    """The answer to a match request."""
+
+    decision: Decision
+    action: Action
+    candidates: tuple[Candidate, ...]
+    rejections: tuple[Rejection, ...]
+    rejections_truncated: bool
+    message: str
+
+    @property
+    def chosen(self) -> Candidate | None:
+        """The cache to use, when the decision is MATCHED."""
+        return self.candidates[0] if self.decision is Decision.MATCHED else None
+
+
+def coverage_of(entry: CacheEntry, images: tuple[PodImage, ...]) -> Coverage:
+    """Which of ``images`` ``entry`` holds."""
+    by_key = entry.by_key
+    covered: list[tuple[PodImage, HeldImage]] = []
+    missing: list[PodImage] = []
+    total = 0
+    for image in images:
+        held = by_key.get(image.key)
+        if held is None:
+            missing.append(image)
+        else:
+            covered.append((image, held))
+            total += held.compressed_bytes
+    return Coverage(tuple(covered), tuple(missing), total)
+
+
+def rank_key(policy: Policy, entry: CacheEntry, count: int, bytes_covered: int) -> RankKey:
+    """The policy's sort key for a cache holding ``count`` images / ``bytes_covered``: smaller first."""
+    if policy is Policy.EXACT:
+        return (0, entry.cache_size_gib, -entry.create_time_ns, entry.name)
+    score = bytes_covered if policy is Policy.BYTES_COVERED else count
+    return (-score, 0, -entry.create_time_ns, entry.name)
+
+
+def _zones(entry: CacheEntry, wanted: frozenset[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    if not wanted:
+        return entry.available_zones, entry.hydrating_zones
+    return (
+        tuple(z for z in entry.available_zones if z in wanted),
+        tuple(z for z in entry.hydrating_zones if z in wanted),
+    )
+
+
+def judge(
+    entry: CacheEntry, coverage: Coverage, request: MatchRequest, now_ns: int, *, need_images: bool = True
+) -> Candidate | Rejection:
+    """Whether ``entry`` qualifies for ``request``; a rejection names the first reason."""
+    available, hydrating = _zones(entry, request.zones)
+    if need_images and coverage.count < request.min_covered:
+        if request.policy is Policy.EXACT and not request.manual:
+            missing = ", ".join(image.normalized for image in coverage.missing)
+            return Rejection(
+                entry, RejectReason.MISSING_IMAGES, coverage, hydrating, f"{entry.name} lacks {missing}"
+            )
+        return Rejection(
+            entry,
+            RejectReason.TOO_FEW_IMAGES,
+            coverage,
+            hydrating,
+            f"{entry.name} holds {coverage.count} of the pod's {len(request.images)} images, "
+            f"fewer than the {request.min_covered} required",
+        )
+    if entry.state is not CacheState.READY:
+        message = f"{entry.name} is {entry.state.name}, not READY"
+        return Rejection(entry, RejectReason.NOT_READY, coverage, hydrating, message)
+    if entry.expired(now_ns):
+        return Rejection(entry, RejectReason.EXPIRED, coverage, hydrating, f"{entry.name} has expired")
+    if not available:
+        where = f"any of the zones {', '.join(sorted(request.zones))}" if request.zones else "any zone"
+        still = f" (still hydrating in {', '.join(hydrating)})" if hydrating else ""
+        return Rejection(
+            entry,
+            RejectReason.NOT_AVAILABLE_IN_ZONES,
+            coverage,
+            hydrating,
+            f"{entry.name} is not available in {where}{still}",
+        )
+    return Candidate(entry, coverage, available, hydrating)
+
+
+class _Backwards:
+    """A sort key ordered backwards, so heapq's min-heap keeps the worst item on top."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: tuple[Any, ...]) -> None:
+        self.key = key
+
+    def __lt__(self, other: _Backwards) -> bool:
+        return bool(self.key > other.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Backwards) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+class _Rejections:
+    """The closest rejections offered so far (most images covered, then rank), at most ``limit``.
+
+    A rejection is only built (message and all) when it would be listed, so walking a long
+    posting of caches that lack an image costs a comparison each.
+    """
+
+    def __init__(self, policy: Policy, limit: int) -> None:
+        self._policy = policy
+        self._limit = limit
+        self._heap: list[tuple[_Backwards, Rejection]] = []
+        self.overflow = False
+
+    def offer(
+        self, entry: CacheEntry, coverage: Coverage, build: Rejection | Callable[[], Rejection]
+    ) -> None:
+        """Keep the rejection (made by ``build`` if not made yet) if among the closest so far."""
+        key = (-coverage.count, rank_key(self._policy, entry, coverage.count, coverage.bytes_covered))
+        if len(self._heap) < self._limit:
+            heapq.heappush(self._heap, (_Backwards(key), build if isinstance(build, Rejection) else build()))
+            return
+        self.overflow = True
+        if key < self._heap[0][0].key:
+            heapq.heapreplace(
+                self._heap, (_Backwards(key), build if isinstance(build, Rejection) else build())
+            )
+
+    def ordered(self) -> tuple[Rejection, ...]:
+        """The kept rejections, closest first."""
+        return tuple(rejection for _, rejection in sorted(self._heap, key=lambda item: item[0].key))
+
+
+def _search_exact(
+    index: CacheIndex, request: MatchRequest, now_ns: int, rejections: _Rejections
+) -> tuple[list[Candidate], bool]:
+    images = request.images
+    postings = sorted((index.posting(image.key) for image in images), key=len)
+    rarest = postings[0]
+    candidates: list[Candidate] = []
+    stopped_early = False
+    seen: set[str] = set()
+    for position, entry in enumerate(rarest):
+        seen.add(entry.name)
+        coverage = coverage_of(entry, images)
+        verdict = judge(entry, coverage, request, now_ns)
+        if isinstance(verdict, Rejection):
+            rejections.offer(entry, coverage, verdict)
+            continue
+        candidates.append(verdict)
+        if len(candidates) == request.max_candidates:
+            stopped_early = position + 1 < len(rarest)
+            break
+    if not candidates:
+        return candidates, _explain_more(postings[1:], seen, request, now_ns, rejections) or stopped_early
+    # The walk found its candidates in the rarest posting; caches holding only other images
+    # were not examined, so the rejections are complete only if there are none.
+    return candidates, stopped_early or not _all_seen(postings[1:], seen)
+
+
+def _all_seen(postings: Iterable[Posting], seen: set[str]) -> bool:
+    """True if every cache in ``postings`` is in ``seen`` (cheap when a posting is longer)."""
+    for posting in postings:
+        if len(posting) > len(seen) or any(entry.name not in seen for entry in posting):
+            return False
+    return True
+
+
+def _explain_more(
+    postings: Iterable[Posting],
+    seen: set[str],
+    request: MatchRequest,
+    now_ns: int,
+    rejections: _Rejections,
+) -> bool:
+    """Look at caches holding some of the other images, to explain a miss. True if cut short."""
+    budget = EXPLAIN_BUDGET
+    for posting in postings:
+        for entry in posting:
+            if entry.name in seen:
+                continue
+            if budget == 0:
+                return True
+            budget -= 1
+            seen.add(entry.name)
+            coverage = coverage_of(entry, request.images)
+            rejections.offer(entry, coverage, partial(_rejection, entry, coverage, request, now_ns))
+    return False
+
+
+def _rejection(entry: CacheEntry, coverage: Coverage, request: MatchRequest, now_ns: int) -> Rejection:
+    verdict = judge(entry, coverage, request, now_ns)
+    if not isinstance(verdict, Rejection):  # only called for caches short of images
+        raise AssertionError(f"{entry.name} qualifies")
+    return verdict
+
+
+def _search_partial(
+    index: CacheIndex, request: MatchRequest, now_ns: int, rejections: _Rejections
+) -> tuple[list[Candidate], bool]:
+    images = request.images
+    policy = request.policy
+    by_bytes = policy is Policy.BYTES_COVERED
+    postings = sorted((index.posting(image.key) for image in images), key=len)
+    best: list[tuple[_Backwards, Candidate]] = []  # the best so far, worst on top
+    seen: set[str] = set()
+    for read, posting in enumerate(postings, start=1):
+        for entry in posting:
+            if entry.name in seen:
+                continue
+            seen.add(entry.name)
+            coverage = coverage_of(entry, images)
+            verdict = judge(entry, coverage, request, now_ns)
+            if isinstance(verdict, Rejection):
+                rejections.offer(entry, coverage, verdict)
+                continue
+            key = _Backwards(rank_key(policy, entry, coverage.count, coverage.bytes_covered))
+            if len(best) < request.max_candidates:
+                heapq.heappush(best, (key, verdict))
+            elif key.key < best[0][0].key:
+                heapq.heapreplace(best, (key, verdict))
+        rest = postings[read:]
+        if not rest:
+            break
+        # A cache not seen yet holds none of the images read so far: at most len(rest) images
+        # and the sum of the rest's largest bytes.
+        if len(rest) < request.min_covered:
+            return _ranked(best), True
+        if len(best) == request.max_candidates:
+            bound = sum(p.max_bytes for p in rest) if by_bytes else len(rest)
+            if -best[0][0].key[0] > bound:
+                return _ranked(best), True
+    return _ranked(best), False
+
+
+def _ranked(best: list[tuple[_Backwards, Candidate]]) -> list[Candidate]:
+    return [candidate for _, candidate in sorted(best, key=lambda item: item[0].key)]
+
+
+def match(index: CacheIndex, request: MatchRequest, *, now_ns: int) -> MatchOutcome:
+    """Answer ``request`` from ``index`` at time ``now_ns``."""
+    rejections = _Rejections(request.policy, request.max_rejections)
+    if request.manual:
+        return _match_manual(index, request, now_ns, rejections)
+    if request.policy is Policy.EXACT:
+        candidates, stopped_early = _search_exact(index, request, now_ns, rejections)
+    else:
+        candidates, stopped_early = _search_partial(index, request, now_ns, rejections)
+    listed = rejections.ordered()
+    truncated = rejections.overflow or stopped_early
+    if candidates:
+        best = candidates[0]
+        return MatchOutcome(
+            Decision.MATCHED,
+            Action.USE_CACHE,
+            tuple(candidates),
+            listed,
+            truncated,
+            f"matched {best.entry.name}: {_summary(best, request)}",
+        )
+    return MatchOutcome(
+        Decision.NO_MATCH,
+        Action.REJECT if request.strict else Action.PULL_IMAGES,
+        (),
+        listed,
+        truncated,
+        _no_match_message(request, listed) + _fallback(request),
+    )
+
+
+def _match_manual(
+    index: CacheIndex, request: MatchRequest, now_ns: int, rejections: _Rejections
+) -> MatchOutcome:
+    entry = index.get(request.manual)
+    if entry is None:
+        return MatchOutcome(
+            Decision.MANUAL_NOT_FOUND,
+            Action.REJECT if request.strict else Action.PULL_IMAGES,
+            (),
+            (),
+            False,
+            f"image cache {request.manual} does not exist" + _fallback(request),
+        )
+    coverage = coverage_of(entry, request.images)
+    verdict = judge(entry, coverage, request, now_ns, need_images=request.min_covered_given)
+    if isinstance(verdict, Candidate):
+        return MatchOutcome(
+            Decision.MATCHED,
+            Action.USE_CACHE,
+            (verdict,),
+            (),
+            False,
+            f"matched {entry.name} as asked: {_summary(verdict, request)}",
+        )
+    decision = {
+        RejectReason.NOT_READY: Decision.MANUAL_NOT_READY,
+        RejectReason.EXPIRED: Decision.MANUAL_NOT_READY,
+        RejectReason.NOT_AVAILABLE_IN_ZONES: Decision.MANUAL_NOT_AVAILABLE,
+        RejectReason.TOO_FEW_IMAGES: Decision.MANUAL_TOO_FEW_IMAGES,
+        RejectReason.MISSING_IMAGES: Decision.MANUAL_TOO_FEW_IMAGES,
+    }[verdict.reason]
+    return MatchOutcome(
+        decision,
+        Action.REJECT if request.strict else Action.PULL_IMAGES,
+        (),
+        (verdict,),
+        False,
+        verdict.message + _fallback(request),
+    )
+
+
+def _summary(candidate: Candidate, request: MatchRequest) -> str:
+    entry = candidate.entry
+    zones = ", ".join(candidate.available_zones)
+    text = (
+        f"holds {candidate.coverage.count} of {len(request.images)} images, "
+        f"{entry.cache_size_gib} GiB, available in {zones}"
+    )
+    stale = [image.normalized for image, _ in candidate.coverage.covered if image.possibly_stale]
+    if stale:
+        text += f"; possibly stale (matched by tag latest): {', '.join(stale)}"
+    return text
+
+
+def _no_match_message(request: MatchRequest, listed: tuple[Rejection, ...]) -> str:
+    if not listed:
+        return f"no cache holds any of the pod's {len(request.images)} images"
+    return f"no cache qualifies; the closest: {listed[0].message}"
+
+
+def _fallback(request: MatchRequest) -> str:
+    return "; rejecting the pod (strict)" if request.strict else "; the pod pulls its images"
