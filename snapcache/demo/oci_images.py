@@ -44,7 +44,8 @@ MiB = 1024 * KiB
 _CHUNK = MiB
 _TAR_BLOCK = 512
 
-Auth = tuple[str, str]
+# (user, password) for basic auth, or any httpx auth flow (a registry behind token auth)
+Auth = tuple[str, str] | httpx.Auth
 
 
 @dataclass(frozen=True, slots=True)

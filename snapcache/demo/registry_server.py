@@ -11,6 +11,9 @@ Design points:
   ``log_path`` so tests can count requests;
 - every wait is bounded: start-up polls ``GET /v2/`` until it answers 200 (open) or 401 (auth)
   or the deadline passes; ``stop()`` escalates SIGTERM -> SIGKILL after a grace period;
+- two auth modes besides none: ``users`` (htpasswd, basic auth), or ``token_auth`` (the Docker
+  token protocol: clients fetch a JWT from ``realm`` and the registry checks its signature
+  against ``rootcertbundle``, its issuer and its audience, the ``service``);
 - htpasswd entries use bcrypt at a low cost factor: the registry checks the password on every
   request, and this server only ever guards throwaway test data.
 """
@@ -18,6 +21,7 @@ Design points:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -25,6 +29,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -36,6 +41,16 @@ REGISTRY_BINARY = "docker-registry"
 AUTH_REALM = "snapcache"
 # Go's bcrypt accepts costs from 4; the registry verifies on every request, so keep it cheap.
 _BCRYPT_ROUNDS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class TokenAuth:
+    """The registry's ``auth.token`` settings: where clients get tokens and which tokens it trusts."""
+
+    realm: str  # the token server's URL, sent to clients in the Bearer challenge
+    service: str  # the registry's name: the challenge's ``service`` and the tokens' audience
+    issuer: str  # the ``iss`` the registry accepts
+    rootcertbundle: Path  # PEM certificates; a token's signing key must chain to one of them
 
 
 class RegistryStartError(RuntimeError):
@@ -57,10 +72,13 @@ class RegistryServer:
         directory: Path | None = None,
         *,
         users: Mapping[str, str] | None = None,
+        token_auth: TokenAuth | None = None,
         port: int = 0,
         start_timeout_seconds: float = 15.0,
         binary: str = REGISTRY_BINARY,
     ) -> None:
+        if users and token_auth is not None:
+            raise ValueError("a registry takes either htpasswd users or token auth, not both")
         self._owned_tmp: tempfile.TemporaryDirectory[str] | None = None
         if directory is None:
             self._owned_tmp = tempfile.TemporaryDirectory(prefix="snapcache-registry-")
@@ -72,7 +90,8 @@ class RegistryServer:
         self.htpasswd_path: Path | None = self.directory / "htpasswd" if users else None
         self._pick_port = port == 0  # until the first successful start
         self._set_port(port or _free_port())
-        self.auth_enabled = bool(users)
+        self.auth_enabled = bool(users) or token_auth is not None
+        self.token_auth = token_auth
         self._users = dict(users or {})
         self._start_timeout = start_timeout_seconds
         self._binary = binary
@@ -217,6 +236,16 @@ class RegistryServer:
                 "  htpasswd:",
                 f"    realm: {AUTH_REALM}",
                 f"    path: {self.htpasswd_path}",
+            ]
+        elif self.token_auth is not None:
+            token = self.token_auth
+            lines += [  # JSON strings are YAML double-quoted scalars: URLs and paths stay verbatim
+                "auth:",
+                "  token:",
+                f"    realm: {json.dumps(token.realm)}",
+                f"    service: {json.dumps(token.service)}",
+                f"    issuer: {json.dumps(token.issuer)}",
+                f"    rootcertbundle: {json.dumps(str(Path(token.rootcertbundle).resolve()))}",
             ]
         self.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
