@@ -745,7 +745,7 @@ class DistributionClient:
                     challenges = parse_www_authenticate(response.headers.get_list("WWW-Authenticate"))
                     self._remember_challenge(registry, challenges)
                     authorization = self._authorization(
-                        registry, scope, after_challenge=True, reference=reference
+                        registry, scope, after_challenge=True, rejected=authorization, reference=reference
                     )
                     continue
                 self._raise_for_status(reference, response, what=what, authenticated=bool(authorization))
@@ -768,14 +768,23 @@ class DistributionClient:
                 self._challenges[registry] = chosen
 
     def _authorization(
-        self, registry: str, scope: str, *, after_challenge: bool, reference: ImageReference | None = None
+        self,
+        registry: str,
+        scope: str,
+        *,
+        after_challenge: bool,
+        rejected: str = "",
+        reference: ImageReference | None = None,
     ) -> str:
         """The Authorization header for a request to ``registry`` (``""``: go anonymous).
 
         Before any challenge from a host, requests go anonymous. Once a host has challenged, its
         scheme is used up front: Basic credentials, or a cached (or freshly fetched) Bearer token
-        for ``scope``. ``after_challenge`` means the host just answered 401 to this request: a
-        cached token is dropped and a new one fetched for the scope the challenge named.
+        for ``scope``. ``after_challenge`` means the host just answered 401 to this request, sent
+        with the Authorization header ``rejected``: that token is dropped, however long its issuer
+        said it would last (the registry may have expired or revoked it), and a new one fetched
+        for the scope the challenge named. A different cached token, one another thread fetched
+        meanwhile, is used as it is.
         """
         with self._lock:
             challenge = self._challenges.get(registry)
@@ -799,13 +808,19 @@ class DistributionClient:
         key = (registry, scope)
         now = time.monotonic()
         with self._lock:
-            cached = self._tokens.pop(key, None) if after_challenge else self._tokens.get(key)
+            cached = self._tokens.get(key)
+            if after_challenge and cached is not None and f"Bearer {cached[0]}" == rejected:
+                del self._tokens[key]
+                cached = None
         if cached is not None and cached[1] > now:
             return f"Bearer {cached[0]}"
         token_scope = (challenge.params.get("scope") or scope) if after_challenge else scope
         token, lifetime = self._fetch_token(registry, challenge, token_scope, reference)
+        # renew a little early (a request takes time to arrive), but a short-lived token (the
+        # spec's floor is 60 s; some issue less) must still be reused for most of its life
+        margin = min(_TOKEN_MARGIN_SECONDS, lifetime / 4)
         with self._lock:
-            self._tokens[key] = (token, now + max(0.0, lifetime - _TOKEN_MARGIN_SECONDS))
+            self._tokens[key] = (token, now + lifetime - margin)
         return f"Bearer {token}"
 
     def _fetch_token(
@@ -902,15 +917,33 @@ class DistributionClient:
             raise _failure("IMAGE_NOT_FOUND", f"{subject} not found in registry")
         if status in (401, 403):
             user = self._credentials.get(registry)
-            if authenticated and user is not None and user.username:
+            # A Bearer registry says why in its challenge: insufficient_scope means the token
+            # service vouched for the caller but granted no pull (distribution also answers so for
+            # a repository that does not exist, not to reveal which do); others answer DENIED.
+            error = next(
+                (
+                    c.params.get("error", "")
+                    for c in parse_www_authenticate(response.headers.get_list("WWW-Authenticate"))
+                    if c.scheme == "bearer"
+                ),
+                "",
+            )
+            denied = error == "insufficient_scope" or "DENIED" in codes
+            if user is None and (denied or not authenticated):
+                detail = "requires authentication (no credentials were given for it)"
+            elif denied and user is not None:
+                who = f"user {user.username!r}" if user.username else "the given identity token"
+                detail = f"denied {who} pull access to {reference.repository}"
+            elif authenticated and user is not None and user.username:
                 detail = f"rejected the credentials of user {user.username!r}"
             elif authenticated:
                 detail = "refused access"
             else:
                 detail = "requires authentication"
+            why = f"HTTP {status} {error}" if error else f"HTTP {status}"
             raise _failure(
                 "REGISTRY_AUTH_FAILED",
-                f"registry {registry} {detail} for image {reference} (HTTP {status}; "
+                f"registry {registry} {detail} for image {reference} ({why}; "
                 "or the repository does not exist)",
             )
         if status == 429:
