@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.support.databases",
     "tests.support.oci_fixtures",
     "tests.support.registry_harness",
+    "tests.support.token_auth",
 ]
