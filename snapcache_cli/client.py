@@ -58,7 +58,15 @@ class RpcFailure(Exception):
         return self.lines()[0]
 
     @classmethod
-    def from_error(cls, error: grpc.RpcError, *, address: str, timeout_seconds: float | None) -> RpcFailure:
+    def from_error(
+        cls,
+        error: grpc.RpcError,
+        *,
+        address: str,
+        timeout_seconds: float | None,
+        service: str = "registry",
+        address_option: str = "--registry or SNAPCACHE_REGISTRY",
+    ) -> RpcFailure:
         """Read code, ErrorInfo reason and BadRequest violations off a failed call."""
         if not isinstance(error, grpc.Call):
             return cls(grpc.StatusCode.UNKNOWN, str(error) or type(error).__name__, address)
@@ -73,11 +81,11 @@ class RpcFailure(Exception):
         reason = info.reason if info is not None else ""
         if info is None and code is grpc.StatusCode.UNAVAILABLE:
             details = (
-                f"cannot reach the registry at {address} (is `snapcache serve` running? "
-                f"set --registry or SNAPCACHE_REGISTRY): {details}"
+                f"cannot reach the {service} at {address} (is `snapcache serve` running? "
+                f"set {address_option}): {details}"
             )
         elif info is None and code is grpc.StatusCode.DEADLINE_EXCEEDED and timeout_seconds is not None:
-            details = f"the registry at {address} did not answer within {timeout_seconds:g}s"
+            details = f"the {service} at {address} did not answer within {timeout_seconds:g}s"
         return cls(code, details, address, reason, violations)
 
     def lines(self) -> list[str]:

@@ -29,10 +29,18 @@ from services.cache_registry.server import RegistryConfig
 from snapcache.demo.oci_images import PushedImage, push_demo_images
 from snapcache.demo.registry_server import REGISTRY_BINARY, RegistryServer, RegistryStartError
 from snapcache.v1 import image_cache_pb2 as pb
+from snapcache.v1 import matcher_pb2 as mpb
 from snapcache_cli.cache_commands import build_failure, positive_seconds, wait_until_built
 from snapcache_cli.client import CommandFailed, RegistryClient
+from snapcache_cli.match_command import DEFAULT_MATCHER, ask_matcher, describe_answer
 from snapcache_cli.render import describe_cache, describe_disk, events_table, to_dict
-from snapcache_cli.serve import RegistryComponent, start_or_explain, stop_all, wait_for_signal
+from snapcache_cli.serve import (
+    MatcherComponent,
+    RegistryComponent,
+    start_or_explain,
+    stop_all,
+    wait_for_signal,
+)
 
 DEFAULT_TIMEOUT_SECONDS = 120.0
 _SKOPEO_TIMEOUT_SECONDS = 30.0
@@ -46,8 +54,9 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
         parents=parents,
         help="run the whole job locally: OCI registry, cache build, disk, in seconds",
         description=(
-            "Start a local OCI registry with demo images, build an image cache of them, "
-            "provision a disk from its snapshot and read it back, then stop everything."
+            "Start a local OCI registry with demo images, build an image cache of them, match a pod "
+            "with those images to it, provision a disk from its snapshot and read it back, then stop "
+            "everything."
         ),
     )
     demo.add_argument(
@@ -66,6 +75,12 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
         "--keep-running",
         action="store_true",
         help="leave everything running at the end until Ctrl-C, to explore with `snapcache cache ...`",
+    )
+    demo.add_argument(
+        "--matcher",
+        metavar="ADDRESS",
+        default=DEFAULT_MATCHER,
+        help="with --use-running: the matcher's address (default %(default)s)",
     )
     demo.add_argument("--zone", default="", metavar="ZONE", help="zone for the disk (default: the first)")
     demo.add_argument(
@@ -186,6 +201,23 @@ def _pick_zone(cache: pb.ImageCache, wanted: str) -> str:
     return available[0]
 
 
+def _match_pod(
+    address: str, images: Sequence[str], expected: str, *, timeout_seconds: float
+) -> mpb.MatchImageCachesResponse:
+    """Ask the matcher until its index has the READY cache (it follows the registry's feed)."""
+    request = mpb.MatchImageCachesRequest(images=images, validate_only=False)
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        answer = ask_matcher(address, request, timeout_seconds=timeout_seconds)
+        if answer.image_cache == expected:
+            return answer
+        if time.monotonic() > deadline:
+            raise CommandFailed(
+                f"the matcher did not match {expected} within {timeout_seconds:g}s: {answer.message}"
+            )
+        time.sleep(0.05)
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo; every failure becomes a clear `CommandFailed` or `RpcFailure`."""
     began = time.monotonic()
@@ -206,17 +238,19 @@ def run_demo(args: argparse.Namespace) -> int:
             say.detail(f"{image}  {push.digest}  ({kind})")
 
         if args.use_running:
-            address = args.registry
-            say.step(f"Using the running cache registry at {address}")
+            address, matcher_address = args.registry, args.matcher
+            say.step(f"Using the running cache registry at {address} and matcher at {matcher_address}")
         else:
-            say.step("Starting the cache registry service in-process")
+            say.step("Starting the cache registry and the matcher in-process")
             component = RegistryComponent(
                 RegistryConfig(data_dir=workdir / "registry-data", listen="127.0.0.1:0")
             )
-            (where,) = start_or_explain([component])
-            stack.callback(stop_all, [component])
+            matcher = MatcherComponent(listen="127.0.0.1:0", registry=lambda: component.address)
+            for where in start_or_explain([component, matcher]):
+                say.detail(where)
+            stack.callback(stop_all, [component, matcher])
             address = component.address
-            say.detail(where)
+            matcher_address = matcher.address
         client = stack.enter_context(RegistryClient(address, rpc_timeout=args.rpc_timeout))
 
         say.step("Creating an image cache of the demo images")
@@ -240,6 +274,10 @@ def run_demo(args: argparse.Namespace) -> int:
         say.detail(describe_cache(cache, now=datetime.now(UTC)))
         say.step("Its events")
         say.detail(events_table(events.events))
+
+        say.step("Matching a pod that runs these images (what the scheduler extender asks)")
+        answer = _match_pod(matcher_address, images, cache.name, timeout_seconds=args.timeout)
+        say.detail(describe_answer(answer))
 
         zone = _pick_zone(cache, args.zone)
         say.step(f"Provisioning a disk from the snapshot in zone {zone}")
@@ -269,6 +307,7 @@ def run_demo(args: argparse.Namespace) -> int:
             say.step("Everything keeps running; press Ctrl-C to stop")
             say.detail(f"snapcache --registry {address} cache list")
             say.detail(f"snapcache --registry {address} cache get {cache.name}")
+            say.detail(f"snapcache match --matcher {matcher_address} {' '.join(images)}")
             say.detail(f"OCI registry: {oci.url}")
             wait_for_signal()
         say.step("Shutting down")
@@ -277,6 +316,7 @@ def run_demo(args: argparse.Namespace) -> int:
         summary = {
             "image_cache": to_dict(cache),
             "events": [to_dict(event) for event in events.events],
+            "match": to_dict(answer),
             "disk": to_dict(disk),
             "disk_released": released,
             "skopeo": [{"image": c.image, "digest": c.digest, "matches": c.matches} for c in checks or []],

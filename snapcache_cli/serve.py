@@ -2,8 +2,9 @@
 
 Each service is a `Component`: started in order, drained (health NOT_SERVING, so load
 balancers and kubelet probes stop sending work) and then stopped in reverse order. Today the
-cache registry is the only one; the matcher and the scheduler extender join as components of
-their own, each with its own options, without changing how serving, signals or shutdown work.
+cache registry comes first; the matcher follows it over the wire (as it does when they run as
+separate pods), so it is started with the registry's real address; the scheduler extender joins
+as a component of its own the same way.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -22,11 +23,14 @@ from typing import Any, Protocol
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.cache_registry.server import RegistryApp, RegistryConfig, ZoneConfig
+from services.matcher.server import MatcherApp, MatcherConfig
 from snapcache_cli.client import CommandFailed
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_MATCHER_LISTEN = "127.0.0.1:50052"
+_MATCHER_LOAD_WAIT_SECONDS = 30.0
 DEFAULT_ZONES = (ZoneConfig("local-a"), ZoneConfig("local-b"))
 _STOP_GRACE_SECONDS = 5.0
 
@@ -79,6 +83,50 @@ class RegistryComponent:
 
     def stop(self) -> None:
         """Stop serving, stop the worker, close the database."""
+        if self.app is not None:
+            self.app.stop(_STOP_GRACE_SECONDS)
+            self.app = None
+
+
+@dataclass
+class MatcherComponent:
+    """The matcher, following the registry at the address ``registry`` gives once it started."""
+
+    listen: str
+    registry: Callable[[], str]
+    metrics_listen: str = ""
+    name: str = "matcher"
+    app: MatcherApp | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` it listens on, with the real port when the config said 0."""
+        assert self.app is not None, "not started"
+        return f"{self.listen.rpartition(':')[0]}:{self.app.port}"
+
+    def start(self) -> str:
+        """Start serving and wait (bounded) for the first load of the index."""
+        config = MatcherConfig(
+            registry_target=self.registry(), listen=self.listen, metrics_listen=self.metrics_listen
+        )
+        self.app = MatcherApp(config)
+        try:
+            self.app.start(wait_loaded_seconds=_MATCHER_LOAD_WAIT_SECONDS)
+        except BaseException:
+            self.stop()
+            raise
+        status = self.app.sync.status()
+        loaded = f"{status.cache_count} caches indexed" if status.loaded else "index still loading"
+        metrics = f", metrics on :{self.app.metrics_port}" if self.app.metrics_port else ""
+        return f"{self.name} on {self.address} ({loaded}{metrics})"
+
+    def drain(self) -> None:
+        """Health NOT_SERVING."""
+        if self.app is not None:
+            self.app.drain()
+
+    def stop(self) -> None:
+        """Stop serving, report the last hits, stop following the registry."""
         if self.app is not None:
             self.app.stop(_STOP_GRACE_SECONDS)
             self.app = None
@@ -178,7 +226,7 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
         "serve",
         parents=parents,
         help="run the services (embedded default: SQLite, local disks)",
-        description="Run the cache registry until SIGTERM or SIGINT.",
+        description="Run the cache registry and the matcher until SIGTERM or SIGINT.",
     )
     serve.add_argument(
         "--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT", help="gRPC address (default %(default)s)"
@@ -207,6 +255,18 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
     serve.add_argument(
         "--max-concurrent-builds", type=int, default=2, metavar="N", help="builds at once (default 2)"
     )
+    serve.add_argument(
+        "--matcher-listen",
+        default=DEFAULT_MATCHER_LISTEN,
+        metavar="HOST:PORT",
+        help="the matcher's gRPC address (default %(default)s); 'off' runs no matcher",
+    )
+    serve.add_argument(
+        "--metrics-listen",
+        default="",
+        metavar="HOST:PORT",
+        help="serve the matcher's Prometheus /metrics here (default: not served)",
+    )
     serve.set_defaults(handler=run_serve, default_log_level="info")
 
 
@@ -228,7 +288,16 @@ def run_serve(args: argparse.Namespace) -> int:
         config.validate()
     except ValueError as exc:
         raise CommandFailed(f"invalid configuration: {exc}", exit_code=2) from exc
-    components: list[Component] = [RegistryComponent(config)]
+    registry = RegistryComponent(config)
+    components: list[Component] = [registry]
+    if args.matcher_listen != "off":
+        components.append(
+            MatcherComponent(
+                listen=args.matcher_listen,
+                registry=lambda: registry.address,
+                metrics_listen=args.metrics_listen,
+            )
+        )
     where = start_or_explain(components)
     print("snapcache serving: " + "; ".join(where), flush=True)
     try:

@@ -153,7 +153,7 @@ class ImagePool:
         if found is None:
             ref = _parse_recorded(normalized)
             found = HeldImage(
-                normalized=normalized,
+                normalized=str(ref),
                 name=ref.name,
                 tag=ref.tag,
                 manifest_digest=manifest_digest or ref.digest,

@@ -396,7 +396,7 @@ def test_serve_listens_logs_json_and_stops_on_sigterm(
 ) -> None:
     process = subprocess.Popen(
         [*CLI, "--log-format", "json", "serve", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path),
-         "--zone", "zone-1", "--zone", "zone-2=3"],
+         "--zone", "zone-1", "--zone", "zone-2=3", "--matcher-listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -412,6 +412,14 @@ def test_serve_listens_logs_json_and_stops_on_sigterm(
 
         assert main(["--registry", address, "cache", "create", "nginx", "--zone", "zone-3"]) == 1
         assert "known zones: zone-1, zone-2" in capsys.readouterr().err
+
+        matcher = line.split("matcher on ", 1)[1].split()[0]
+        assert main(["match", "--matcher", matcher, "nginx:1.25", "--zone", "zone-1"]) == 0
+        out = capsys.readouterr().out
+        assert "Decision:  NO_MATCH -> PULL_IMAGES" in out and "docker.io/library/nginx:1.25" in out
+        assert main(["match", "--matcher", matcher, "nginx", "Bad Ref", "--policy", "size"]) == 1
+        err = capsys.readouterr().err
+        assert "INVALID_ARGUMENT INVALID_MATCH_REQUEST" in err and "images[1]:" in err
 
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=15)
@@ -451,6 +459,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert out.count("(matches the build)") == (3 if shutil.which("skopeo") else 0)
     assert "local-a  AVAILABLE" in out and "local-b  AVAILABLE" in out
     assert "BuilderReleased" in out  # the events table
+    assert "Decision:  MATCHED -> USE_CACHE" in out and "3/3" in out  # the matcher chose the cache
     assert "Location:" in out and "released" in out
     assert "everything it started is stopped" in out
     assert list(tmp_path.iterdir()) == []  # the temporary work directory is gone

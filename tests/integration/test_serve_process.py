@@ -41,7 +41,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(data_dir: Path, port: int, database_url: str) -> Iterator[subprocess.Popen[bytes]]:
+def serve(
+    data_dir: Path, port: int, database_url: str, *, matcher_port: int = 0
+) -> Iterator[subprocess.Popen[bytes]]:
     command = [
         sys.executable,
         "-m",
@@ -53,6 +55,8 @@ def serve(data_dir: Path, port: int, database_url: str) -> Iterator[subprocess.P
         str(data_dir),
         "--zone",
         "zone-a",
+        "--matcher-listen",
+        f"127.0.0.1:{matcher_port or free_port()}",
     ]
     if database_url:
         command += ["--database-url", database_url]
@@ -150,23 +154,53 @@ def test_kill_during_pull_then_restart_resumes_to_ready(
 
 
 def test_grpcurl_list_describe_create_get(pushed_images: PushedImages, tmp_path: Path) -> None:
-    port = free_port()
+    port, matcher_port = free_port(), free_port()
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    with serve(data_dir, port, ""):
-        grpcurl_session(f"127.0.0.1:{port}", pushed_images)
+    with serve(data_dir, port, "", matcher_port=matcher_port):
+        name = grpcurl_session(f"127.0.0.1:{port}", pushed_images)
+        grpcurl_matcher_session(f"127.0.0.1:{matcher_port}", str(pushed_images.worker.reference), name)
 
 
-def grpcurl_session(address: str, pushed_images: PushedImages) -> None:
-    env = {**os.environ}
+def grpcurl(*args: str) -> str:
+    result = subprocess.run(["grpcurl", "-plaintext", *args], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
-    def grpcurl(*args: str) -> str:
-        result = subprocess.run(
-            ["grpcurl", "-plaintext", *args], capture_output=True, text=True, timeout=30, env=env
-        )
-        assert result.returncode == 0, result.stderr
-        return result.stdout
 
+def grpcurl_matcher_session(address: str, image: str, cache_name: str) -> None:
+    """The matcher beside the registry in `snapcache serve`: reflection, health, a real match."""
+    assert "snapcache.v1.MatcherService" in grpcurl(address, "list").split()
+    assert "rpc MatchImageCaches" in grpcurl(address, "describe", "snapcache.v1.MatcherService")
+    health = json.dumps({"service": "snapcache.v1.MatcherService"})
+    assert "SERVING" in grpcurl("-d", health, address, "grpc.health.v1.Health/Check")
+    request = json.dumps({"images": [image], "validate_only": True})
+    deadline = time.monotonic() + 60
+    while True:
+        answer = json.loads(grpcurl("-d", request, address, "snapcache.v1.MatcherService/MatchImageCaches"))
+        if answer.get("decision") == "MATCHED" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert answer["decision"] == "MATCHED" and answer["action"] == "USE_CACHE", answer
+    assert answer["image_cache"] == cache_name
+    assert answer["candidates"][0]["covered_images"][0]["cached_image"] == image
+    bad = subprocess.run(
+        [
+            "grpcurl",
+            "-plaintext",
+            "-d",
+            json.dumps({"images": ["Not A Ref"]}),
+            address,
+            "snapcache.v1.MatcherService/MatchImageCaches",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert bad.returncode != 0 and "InvalidArgument" in bad.stderr and "INVALID_MATCH_REQUEST" in bad.stderr
+
+
+def grpcurl_session(address: str, pushed_images: PushedImages) -> str:
     services = grpcurl(address, "list").split()
     assert {
         "snapcache.v1.CacheRegistryService",
@@ -195,3 +229,4 @@ def grpcurl_session(address: str, pushed_images: PushedImages) -> None:
         )
     )
     assert got["name"] == created["name"] and got["images"] == [str(pushed_images.worker.reference)]
+    return str(created["name"])

@@ -1,0 +1,92 @@
+"""The matcher's Prometheus metrics: index freshness read at scrape time, answers counted.
+
+A registry of its own (not the process-wide default), so several matchers in one process (tests,
+`snapcache serve`) do not collide, and an HTTP endpoint only when one is configured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from services.matcher.index_sync import SyncStatus
+from services.matcher.matching import Decision
+
+
+class _IndexCollector(Collector):
+    """Gauges of the index, from one consistent status read per scrape."""
+
+    def __init__(self, status: Callable[[], SyncStatus], hits_pending: Callable[[], int]) -> None:
+        self._status = status
+        self._hits_pending = hits_pending
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        status = self._status()
+        values = [
+            (
+                "index_staleness_seconds",
+                "Seconds since the registry was last heard from (0 while live)",
+                status.staleness_seconds,
+            ),
+            (
+                "index_feed_live",
+                "1 while the registry's change feed is connected and live",
+                float(status.live),
+            ),
+            ("index_loaded", "1 once the index was loaded from the registry", float(status.loaded)),
+            ("index_caches", "Caches in the index, every state", float(status.cache_count)),
+            ("index_ready_caches", "READY caches in the index", float(status.ready_count)),
+            ("index_revision", "Registry change-feed revision the index has reached", float(status.revision)),
+            ("index_full_syncs", "Full loads of the index (start-up and resyncs)", float(status.full_syncs)),
+            ("hits_pending", "Matches not yet reported to the registry", float(self._hits_pending())),
+        ]
+        for name, documentation, value in values:
+            yield GaugeMetricFamily(f"snapcache_matcher_{name}", documentation, value=value)
+
+
+class MatcherMetrics:
+    """Counters the request path bumps, and gauges read from the index."""
+
+    def __init__(self, status: Callable[[], SyncStatus], hits_pending: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_IndexCollector(status, hits_pending))
+        answers = Counter(
+            "snapcache_matcher_answers",
+            "Match answers by decision",
+            ["decision"],
+            registry=self.registry,
+        )
+        self._answers = {decision: answers.labels(decision.name) for decision in Decision}
+        self.match_seconds = Histogram(
+            "snapcache_matcher_match_seconds",
+            "Time to answer a match, index search and response building",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25),
+            registry=self.registry,
+        )
+        self.hits_reported = Counter(
+            "snapcache_matcher_hits_reported", "Match hits accepted by the registry", registry=self.registry
+        )
+        self._server: WSGIServer | None = None
+
+    def answered(self, decision: Decision, seconds: float) -> None:
+        """Count one answer."""
+        self._answers[decision].inc()
+        self.match_seconds.observe(seconds)
+
+    def serve(self, address: str) -> int:
+        """Expose /metrics on ``host:port`` (port 0 picks one); return the port."""
+        host, _, port = address.rpartition(":")
+        server, _thread = start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
+        self._server = server
+        return int(server.server_port)
+
+    def stop(self) -> None:
+        """Stop the HTTP endpoint, if any."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,79 @@
+"""The matcher's gRPC edge: request -> core -> response, nothing more."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import grpc
+
+from services.matcher.hits import HitReporter
+from services.matcher.index_sync import IndexSync
+from services.matcher.match_requests import build_request
+from services.matcher.matching import match
+from services.matcher.messages import match_response
+from services.matcher.metrics import MatcherMetrics
+from snapcache.v1 import matcher_pb2 as mpb
+from snapcache.v1 import matcher_pb2_grpc as mpb_grpc
+
+SERVICE_NAME = mpb.DESCRIPTOR.services_by_name["MatcherService"].full_name
+
+
+class MatcherServicer(mpb_grpc.MatcherServiceServicer):
+    """MatchImageCaches and GetIndexStatus over the synced index."""
+
+    def __init__(
+        self,
+        *,
+        sync: IndexSync,
+        hits: HitReporter,
+        metrics: MatcherMetrics,
+        clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self._sync = sync
+        self._hits = hits
+        self._metrics = metrics
+        self._clock_ns = clock_ns
+
+    def MatchImageCaches(
+        self, request: mpb.MatchImageCachesRequest, context: grpc.ServicerContext
+    ) -> mpb.MatchImageCachesResponse:
+        started = time.perf_counter()
+        match_request = build_request(
+            images=list(request.images),
+            image_cache=request.image_cache,
+            policy=request.policy,
+            min_images_covered=request.min_images_covered,
+            strict=request.strict,
+            zones=list(request.zones),
+            max_candidates=request.max_candidates,
+            max_rejections=request.max_rejections,
+        )
+        now_ns = self._clock_ns()
+        with self._sync.reading() as index:
+            outcome = match(index, match_request, now_ns=now_ns)
+        revision, staleness = self._sync.position()
+        chosen = outcome.chosen
+        if chosen is not None and not request.validate_only:
+            self._hits.record(chosen.entry.name, now_ns)
+        response = match_response(outcome, match_request, revision=revision, staleness_seconds=staleness)
+        self._metrics.answered(outcome.decision, time.perf_counter() - started)
+        return response
+
+    def GetIndexStatus(
+        self, request: mpb.GetIndexStatusRequest, context: grpc.ServicerContext
+    ) -> mpb.IndexStatus:
+        status = self._sync.status()
+        answer = mpb.IndexStatus(
+            loaded=status.loaded,
+            live=status.live,
+            cache_count=status.cache_count,
+            ready_count=status.ready_count,
+            revision=status.revision,
+            full_syncs=status.full_syncs,
+            last_error=status.last_error,
+        )
+        answer.staleness.FromNanoseconds(int(status.staleness_seconds * 1e9))
+        if status.last_full_sync_time:
+            answer.last_full_sync_time.FromNanoseconds(int(status.last_full_sync_time * 1e9))
+        return answer
