@@ -6,15 +6,21 @@ The only place that builds the registry's objects; everything else receives what
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from services.cache_registry.credential_refs import resolve_local_credentials
+from services.cache_registry.credential_refs import (
+    IN_CLUSTER_ENV,
+    KUBECONFIG_ENV,
+    CredentialRefResolver,
+)
 from services.cache_registry.database import Database, make_engine, migrate
 from services.cache_registry.feed import CommitSignal
+from services.cache_registry.kube_secrets import KubeSecretReader
 from services.cache_registry.local_provider import LocalProvider, LocalProviderConfig, LocalZone
 from services.cache_registry.service import CacheRegistry, RegistrySettings
 from services.cache_registry.servicer import SERVICE_NAME, CacheRegistryServicer
@@ -32,6 +38,15 @@ class ZoneConfig:
     name: str
     max_disks: int = 0
     root: Path | None = None
+
+
+def _kubeconfig_from_env() -> Path | None:
+    value = os.environ.get(KUBECONFIG_ENV, "")
+    return Path(value).expanduser() if value else None
+
+
+def _in_cluster_from_env() -> bool:
+    return os.environ.get(IN_CLUSTER_ENV, "").strip().lower() in {"1", "true", "yes"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,12 @@ class RegistryConfig:
     # identity in work leases; stable across restarts so a restarted registry resumes its own
     # builds at once instead of waiting for its old leases to expire (default: host + data dir)
     instance_id: str = ""
+    # Kubernetes API access, to read the dockerconfigjson Secrets caches name as credentials: a
+    # kubeconfig file, or the pod's service account (in-cluster). Neither: Secret references fail
+    # with CREDENTIALS_UNAVAILABLE. Defaults come from $SNAPCACHE_KUBECONFIG and
+    # $SNAPCACHE_KUBE_IN_CLUSTER (read when the config is made), so `snapcache serve` takes them too.
+    kubeconfig: Path | None = field(default_factory=_kubeconfig_from_env)
+    kube_in_cluster: bool = field(default_factory=_in_cluster_from_env)
 
     def database(self) -> str:
         """The database URL in force."""
@@ -73,6 +94,18 @@ class RegistryConfig:
             raise ValueError(
                 f"unsupported database URL {self.database()!r}: use sqlite:/// or postgresql+psycopg://"
             )
+        if self.kubeconfig is not None and self.kube_in_cluster:
+            raise ValueError("give either a kubeconfig or in-cluster Kubernetes access, not both")
+        if self.kubeconfig is not None and not self.kubeconfig.is_file():
+            raise ValueError(f"kubeconfig {self.kubeconfig} is not a file")
+
+    def secret_reader(self) -> KubeSecretReader | None:
+        """The Kubernetes Secret reader this configuration asks for (None: no Kubernetes access)."""
+        if self.kube_in_cluster:
+            return KubeSecretReader.in_cluster()
+        if self.kubeconfig is not None:
+            return KubeSecretReader.from_kubeconfig(self.kubeconfig)
+        return None
 
 
 def _clock() -> datetime:
@@ -84,6 +117,8 @@ class RegistryApp:
 
     def __init__(self, config: RegistryConfig) -> None:
         config.validate()
+        # first: a kubeconfig or in-cluster setup that does not load stops start-up here
+        self.secrets = config.secret_reader()
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.config = config
         self.engine = make_engine(config.database())
@@ -117,9 +152,11 @@ class RegistryApp:
                 failed_cache_ttl=timedelta(hours=config.failed_cache_ttl_hours),
                 poll_seconds=config.worker_poll_seconds,
             ),
-            resolve_credentials=resolve_local_credentials,
+            resolve_credentials=CredentialRefResolver(self.secrets),
         )
         self.server: RunningServer | None = None
+        if self.secrets is not None:
+            log.info("credentials in Kubernetes Secrets are read through %s", self.secrets.server)
 
     @property
     def port(self) -> int:
@@ -155,3 +192,5 @@ class RegistryApp:
             self.server.stop(grace_seconds)
         self.worker.stop()
         self.engine.dispose()
+        if self.secrets is not None:
+            self.secrets.close()
