@@ -1,9 +1,18 @@
-"""Conversions between `snapcache.v1` protos and the registry's domain values (the edge only)."""
+"""Conversions between `snapcache.v1` protos and the registry's domain values (the edge only).
+
+Every ImageCache the API sends is parsed from one serialized form, `encode_cache`'s, whether the
+store kept it (`ImageCacheWire`) or the edge just made it: upb lays out map fields by how a
+message was built (a copied message reorders them), so parsing the same bytes is what makes Get,
+List and Watch send identical bytes for one version. Responses holding caches are parsed from
+their submessages' bytes too (`list_response`, `watch_response`) rather than copying messages in.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf import timestamp_pb2
@@ -19,6 +28,7 @@ from services.cache_registry.model import (
     ImageCache,
     ZoneState,
 )
+from snapcache.v1 import cache_registry_pb2 as api
 from snapcache.v1 import image_cache_pb2 as pb
 
 _STATE = {
@@ -56,28 +66,92 @@ def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     return timestamp_pb2.Timestamp(seconds=seconds, nanos=value.microsecond * 1000)
 
 
-class EncodedCaches:
-    """ImageCache messages by (id, version), so each version is encoded once for every reader."""
+def encode_cache(cache: ImageCache) -> bytes:
+    """The serialized ImageCache of a cache version (deterministic: same value, same bytes)."""
+    return cache_to_proto(cache).SerializeToString(deterministic=True)
 
-    def __init__(self, capacity: int = 50_000) -> None:
+
+class ImageCacheWire:
+    """`encode_cache` as the store's `CacheEncoder`: the form kept next to each cache version."""
+
+    # A changed message (its descriptor) or a new release of `cache_to_proto` (bump the suffix)
+    # gets a new format, so bytes written by an older encoding are never served.
+    format = f"snapcache.v1.ImageCache/{hashlib.sha256(pb.DESCRIPTOR.serialized_pb).hexdigest()[:16]}/1"
+
+    def encode(self, cache: ImageCache) -> bytes:
+        """The wire form of ``cache``."""
+        return encode_cache(cache)
+
+
+class EncodedCaches:
+    """`encode_cache` results by (id, revision), so each version is encoded once for every reader.
+
+    The revision is unique registry-wide (a cache deleted and created again restarts at version 1,
+    and a DELETE feed entry repeats the last version under a new revision).
+    """
+
+    def __init__(self, capacity: int = 10_000) -> None:
         self._capacity = capacity
-        self._items: OrderedDict[tuple[str, int], pb.ImageCache] = OrderedDict()
+        self._items: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._lock = threading.Lock()
 
-    def encode(self, cache: ImageCache) -> pb.ImageCache:
-        """The message of ``cache``; callers must not modify it."""
-        key = (cache.cache_id, cache.version)
+    def encode(self, cache: ImageCache) -> bytes:
+        """The wire form of ``cache``."""
+        key = (cache.cache_id, cache.revision)
         with self._lock:
             found = self._items.get(key)
             if found is not None:
                 self._items.move_to_end(key)
                 return found
-        message = cache_to_proto(cache)
+        wire = encode_cache(cache)
         with self._lock:
-            self._items[key] = message
+            self._items[key] = wire
             if len(self._items) > self._capacity:
                 self._items.popitem(last=False)
-        return message
+        return wire
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """``payload`` as length-delimited field ``number`` of an enclosing message."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+_LIST_CACHES = api.ListImageCachesResponse.DESCRIPTOR.fields_by_name["image_caches"].number
+_WATCH_CACHE = api.WatchImageCachesResponse.DESCRIPTOR.fields_by_name["image_cache"].number
+
+
+def image_cache_message(wire: bytes) -> pb.ImageCache:
+    """The ImageCache message of a wire form."""
+    return pb.ImageCache.FromString(wire)
+
+
+def list_response(
+    wires: Iterable[bytes], *, next_page_token: str, revision: int
+) -> api.ListImageCachesResponse:
+    """A ListImageCachesResponse of caches' wire forms: one parse, no message built field by field."""
+    response = api.ListImageCachesResponse.FromString(b"".join(_field(_LIST_CACHES, w) for w in wires))
+    response.next_page_token = next_page_token
+    response.revision = revision
+    return response
+
+
+def watch_response(
+    *, change_type: api.WatchImageCachesResponse.ChangeType.ValueType, revision: int, wire: bytes
+) -> api.WatchImageCachesResponse:
+    """A WatchImageCachesResponse carrying the cache whose wire form is ``wire``."""
+    response = api.WatchImageCachesResponse.FromString(_field(_WATCH_CACHE, wire))
+    response.type = change_type
+    response.revision = revision
+    return response
 
 
 def spec_from_proto(message: pb.ImageCache) -> CacheSpec:

@@ -22,6 +22,7 @@ from services.cache_registry.database import Database, make_engine, migrate
 from services.cache_registry.feed import CommitSignal
 from services.cache_registry.kube_secrets import KubeSecretReader
 from services.cache_registry.local_provider import LocalProvider, LocalProviderConfig, LocalZone
+from services.cache_registry.messages import ImageCacheWire
 from services.cache_registry.service import CacheRegistry, RegistrySettings
 from services.cache_registry.servicer import SERVICE_NAME, CacheRegistryServicer
 from services.cache_registry.worker import LifecycleWorker, WorkerSettings
@@ -138,6 +139,7 @@ class RegistryApp:
             signal=self.signal,
             clock=_clock,
             settings=RegistrySettings(),
+            encoder=ImageCacheWire(),
         )
         owner = config.instance_id or f"{socket.gethostname()}:{config.data_dir.resolve()}"
         self.worker = LifecycleWorker(
@@ -153,6 +155,7 @@ class RegistryApp:
                 poll_seconds=config.worker_poll_seconds,
             ),
             resolve_credentials=CredentialRefResolver(self.secrets),
+            encoder=ImageCacheWire(),
         )
         self.server: RunningServer | None = None
         if self.secrets is not None:

@@ -93,7 +93,7 @@ class RegistrySettings:
 class ListPage:
     """A page of caches, the next page's token, and the revision it was read at."""
 
-    caches: list[ImageCache]
+    caches: list[store.ServedCache]
     next_page_token: str
     revision: int
 
@@ -147,6 +147,7 @@ class CacheRegistry:
         signal: CommitSignal,
         clock: Clock,
         settings: RegistrySettings | None = None,
+        encoder: store.CacheEncoder | None = None,
     ) -> None:
         self._db = database
         self._provider = provider
@@ -156,6 +157,10 @@ class CacheRegistry:
         self._watchers = 0
         self._zones = tuple(z.name for z in provider.zones())
         self._decoded = store.DecodedCaches()
+        # the wire form the store keeps with each version, from the edge at wiring; without one,
+        # reads hand the edge every cache decoded, for it to encode
+        self._encoder = encoder
+        self._wire_format = encoder.format if encoder else ""
 
     @property
     def zones(self) -> tuple[str, ...]:
@@ -186,7 +191,7 @@ class CacheRegistry:
                     message=f"image cache {CACHE_NAME_PREFIX}{chosen} already exists",
                     metadata={"image_cache": CACHE_NAME_PREFIX + chosen},
                 )
-            stored = store.insert_cache(session, cache=cache, now=now)
+            stored = store.insert_cache(session, cache=cache, now=now, encoder=self._encoder)
             store.append_event(
                 session,
                 cache_id=chosen,
@@ -205,6 +210,17 @@ class CacheRegistry:
         with self._db.transaction(write=False) as session:
             return self._require(store.get_cache(session, cache_id=cache_id, memo=self._decoded), cache_id)
 
+    def read(self, *, name: str) -> store.ServedCache:
+        """One cache by name as the API serves it (its stored wire form when it has one)."""
+        cache_id = parse_cache_name(name)
+        with self._db.transaction(write=False) as session:
+            found = store.read_cache(
+                session, cache_id=cache_id, wire_format=self._wire_format, memo=self._decoded
+            )
+        if found is None:
+            raise self._not_found(cache_id)
+        return found
+
     def list_caches(self, *, page_size: int, page_token: str, filter_text: str) -> ListPage:
         """A page of caches in id order, with the revision it was read at."""
         limit = check_page_size(page_size)
@@ -213,8 +229,13 @@ class CacheRegistry:
         after = str(page_tokens.decode(page_token, scope=scope).get("after", "")) if page_token else ""
         with self._db.transaction(write=False) as session:
             revision = store.current_revision(session)
-            caches = store.list_caches(
-                session, after_id=after, limit=limit + 1, where=where, memo=self._decoded
+            caches = store.read_caches(
+                session,
+                after_id=after,
+                limit=limit + 1,
+                where=where,
+                wire_format=self._wire_format,
+                memo=self._decoded,
             )
         next_token = ""
         if len(caches) > limit:
@@ -256,7 +277,9 @@ class CacheRegistry:
                     state_message="",
                 )
                 store.set_next_attempt(session, cache_id=cache_id, at=None)
-            stored = store.update_cache(session, cache=updated, expected_version=current.version, now=now)
+            stored = store.update_cache(
+                session, cache=updated, expected_version=current.version, now=now, encoder=self._encoder
+            )
             changed = ", ".join(sorted(fields))
             store.append_event(
                 session,
@@ -292,7 +315,9 @@ class CacheRegistry:
                 update_time=now,
                 progress=replace(current.progress, phase=BuildPhase.NONE),
             )
-            stored = store.update_cache(session, cache=deleting, expected_version=current.version, now=now)
+            stored = store.update_cache(
+                session, cache=deleting, expected_version=current.version, now=now, encoder=self._encoder
+            )
             store.set_next_attempt(session, cache_id=cache_id, at=None)
             store.append_event(
                 session,
@@ -459,6 +484,7 @@ class CacheRegistry:
                     cache=replace(current, disk_count=current.disk_count + 1),
                     expected_version=current.version,
                     now=now,
+                    encoder=self._encoder,
                 )
         except BaseException:
             # never leak a disk the database does not know about
@@ -491,6 +517,7 @@ class CacheRegistry:
                     cache=replace(current, disk_count=max(0, current.disk_count - 1)),
                     expected_version=current.version,
                     now=now,
+                    encoder=self._encoder,
                 )
         # after the commit: a crash here leaves a provider disk without a record, which the
         # reconcile pass removes; the reverse order could leave a record without a disk
@@ -542,6 +569,7 @@ class CacheRegistry:
                     ),
                     expected_version=current.version,
                     now=now,
+                    encoder=self._encoder,
                 )
                 applied += 1
         if applied:
@@ -550,15 +578,19 @@ class CacheRegistry:
 
     # --- helpers -----------------------------------------------------------------------------
 
-    @staticmethod
-    def _require(cache: ImageCache | None, cache_id: str) -> ImageCache:
+    @classmethod
+    def _require(cls, cache: ImageCache | None, cache_id: str) -> ImageCache:
         if cache is None:
-            raise NotFound(
-                reason="IMAGE_CACHE_NOT_FOUND",
-                message=f"image cache {CACHE_NAME_PREFIX}{cache_id} not found",
-                metadata={"image_cache": CACHE_NAME_PREFIX + cache_id},
-            )
+            raise cls._not_found(cache_id)
         return cache
+
+    @staticmethod
+    def _not_found(cache_id: str) -> NotFound:
+        return NotFound(
+            reason="IMAGE_CACHE_NOT_FOUND",
+            message=f"image cache {CACHE_NAME_PREFIX}{cache_id} not found",
+            metadata={"image_cache": CACHE_NAME_PREFIX + cache_id},
+        )
 
     @staticmethod
     def _check_etag(cache: ImageCache, etag: str) -> None:

@@ -7,7 +7,16 @@ from datetime import UTC, datetime
 
 import grpc
 
-from services.cache_registry.messages import EncodedCaches, disk_to_proto, event_to_proto, spec_from_proto
+from services.cache_registry.messages import (
+    EncodedCaches,
+    disk_to_proto,
+    event_to_proto,
+    image_cache_message,
+    list_response,
+    spec_from_proto,
+    watch_response,
+)
+from services.cache_registry.model import ChangeType, ImageCache
 from services.cache_registry.service import CacheRegistry, Heartbeat, MatchHits
 from snapcache.v1 import cache_registry_pb2 as api
 from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
@@ -23,18 +32,25 @@ class CacheRegistryServicer(api_grpc.CacheRegistryServiceServicer):
         self._registry = registry
         self._encoded = EncodedCaches()
 
+    def _wire(self, body: bytes | ImageCache) -> bytes:
+        """The wire form of a cache as read: stored by the registry, or encoded here once."""
+        return body if isinstance(body, bytes) else self._encoded.encode(body)
+
+    def _message(self, cache: ImageCache) -> pb.ImageCache:
+        return image_cache_message(self._encoded.encode(cache))
+
     def CreateImageCache(
         self, request: api.CreateImageCacheRequest, context: grpc.ServicerContext
     ) -> pb.ImageCache:
         cache = self._registry.create(
             spec=spec_from_proto(request.image_cache), cache_id=request.image_cache_id
         )
-        return self._encoded.encode(cache)
+        return self._message(cache)
 
     def GetImageCache(
         self, request: api.GetImageCacheRequest, context: grpc.ServicerContext
     ) -> pb.ImageCache:
-        return self._encoded.encode(self._registry.get(name=request.name))
+        return image_cache_message(self._wire(self._registry.read(name=request.name).body))
 
     def ListImageCaches(
         self, request: api.ListImageCachesRequest, context: grpc.ServicerContext
@@ -42,8 +58,8 @@ class CacheRegistryServicer(api_grpc.CacheRegistryServiceServicer):
         page = self._registry.list_caches(
             page_size=request.page_size, page_token=request.page_token, filter_text=request.filter
         )
-        return api.ListImageCachesResponse(
-            image_caches=[self._encoded.encode(c) for c in page.caches],
+        return list_response(
+            [self._wire(c.body) for c in page.caches],
             next_page_token=page.next_page_token,
             revision=page.revision,
         )
@@ -57,14 +73,12 @@ class CacheRegistryServicer(api_grpc.CacheRegistryServiceServicer):
             paths=list(request.update_mask.paths),
             etag=request.image_cache.etag,
         )
-        return self._encoded.encode(cache)
+        return self._message(cache)
 
     def DeleteImageCache(
         self, request: api.DeleteImageCacheRequest, context: grpc.ServicerContext
     ) -> pb.ImageCache:
-        return self._encoded.encode(
-            self._registry.delete(name=request.name, etag=request.etag, force=request.force)
-        )
+        return self._message(self._registry.delete(name=request.name, etag=request.etag, force=request.force))
 
     def ListImageCacheEvents(
         self, request: api.ListImageCacheEventsRequest, context: grpc.ServicerContext
@@ -86,10 +100,10 @@ class CacheRegistryServicer(api_grpc.CacheRegistryServiceServicer):
             if isinstance(item, Heartbeat):
                 yield response(type=response.PROGRESS, revision=item.revision)
             else:
-                yield response(
-                    type=response.UPSERT if item.type.value == "UPSERT" else response.DELETE,
+                yield watch_response(
+                    change_type=response.UPSERT if item.type is ChangeType.UPSERT else response.DELETE,
                     revision=item.revision,
-                    image_cache=self._encoded.encode(item.cache),
+                    wire=self._encoded.encode(item.cache),
                 )
 
     def ProvisionDisk(self, request: api.ProvisionDiskRequest, context: grpc.ServicerContext) -> pb.Disk:

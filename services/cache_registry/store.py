@@ -5,6 +5,14 @@ No function here commits: the use case owns the transaction (one per use case).
 Layout: each cache is one row whose `doc` column holds the whole domain value as JSON, plus the
 columns that queries need (state, expiry, lease, version...). Filters use `cache_terms`
 (image and label terms, indexed) so List pages cost the same at 100 or 100,000 caches.
+
+Reads for the API are served from `wire`: the edge's encoding of the row's version, written by
+the same statement that writes `doc` and `version` (a `CacheEncoder` handed down by the caller),
+so a row's wire form always belongs to the version read with it. Decoding a document and encoding
+it again cost ~70 us a cache, twenty times the SQL that fetched it; a page of stored wire forms
+costs neither. `wire_format` names the encoding; rows written without one, or by another
+encoding (an older release), are decoded and encoded by the reader instead, and the worker fills
+them in (`caches_without_wire`, `set_wire`).
 The change feed (`changes`) stores each version of a cache under a revision taken from a
 single counter row; updating that row inside the writing transaction serializes writers, so
 revisions are gap-free and in commit order on SQLite and PostgreSQL alike.
@@ -15,9 +23,9 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, TypeVarTuple
 
 import orjson
 import sqlalchemy as sa
@@ -47,6 +55,7 @@ from snapcache.errors import Aborted
 from snapcache.images import parse_image_reference
 
 UtcDateTime = sa.DateTime(timezone=True)
+_Columns = TypeVarTuple("_Columns")
 
 
 class CacheRow(SQLModel, table=True):
@@ -64,6 +73,8 @@ class CacheRow(SQLModel, table=True):
     lease_owner: str = Field(default="", max_length=128)
     lease_expire_time: datetime | None = Field(default=None, sa_type=UtcDateTime)
     last_event_sequence: int = 0
+    wire: bytes | None = Field(default=None, sa_type=sa.LargeBinary)
+    wire_format: str | None = Field(default=None, max_length=64)
 
 
 class CacheTermRow(SQLModel, table=True):
@@ -140,20 +151,20 @@ def utc(value: datetime | None) -> datetime | None:
 
 
 class DecodedCaches:
-    """Decoded caches by (id, version): a version never changes, so a hit skips JSON decoding.
+    """Decoded caches by (id, revision): a written version never changes, so a hit skips decoding.
 
-    Reads of the same caches repeat (operators listing, resyncs, watchers); decoding a document
-    costs more than the SQL that fetched it, so the registry keeps the last ``capacity`` versions.
+    The revision, not the version, is the key: it is unique across the whole registry, while a
+    cache deleted and created again under the same id starts over at version 1.
     """
 
-    def __init__(self, capacity: int = 50_000) -> None:
+    def __init__(self, capacity: int = 10_000) -> None:
         self._capacity = capacity
         self._items: OrderedDict[tuple[str, int], ImageCache] = OrderedDict()
         self._lock = threading.Lock()
 
-    def decode(self, cache_id: str, version: int, text: str | bytes) -> ImageCache:
-        """The cache stored as ``text`` at ``version``, decoded at most once."""
-        key = (cache_id, version)
+    def decode(self, cache_id: str, revision: int, text: str | bytes) -> ImageCache:
+        """The cache stored as ``text`` at ``revision``, decoded at most once."""
+        key = (cache_id, revision)
         with self._lock:
             found = self._items.get(key)
             if found is not None:
@@ -165,6 +176,27 @@ class DecodedCaches:
             if len(self._items) > self._capacity:
                 self._items.popitem(last=False)
         return cache
+
+
+class CacheEncoder(Protocol):
+    """The edge's wire form of a cache version; opaque here, stored next to the document."""
+
+    @property
+    def format(self) -> str:
+        """Names the encoding (at most 64 characters); rows in another format are not served."""
+        ...
+
+    def encode(self, cache: ImageCache) -> bytes:
+        """The wire form of ``cache``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ServedCache:
+    """A cache version as the API serves it: its stored wire form, or decoded if it has none."""
+
+    cache_id: CacheId
+    body: bytes | ImageCache  # bytes in the reader's format; else the value for the edge to encode
 
 
 _NO_MEMO = DecodedCaches(capacity=0)
@@ -301,6 +333,30 @@ def _zones_pending(cache: ImageCache) -> bool:
     return any(z.state is ZoneState.HYDRATING for z in cache.zones)
 
 
+def _version_values(cache: ImageCache, encoder: CacheEncoder | None) -> dict[str, Any]:
+    """Columns that change with every version; written together, so `wire` matches `version`."""
+    return {
+        "doc": cache_to_doc(cache),
+        "state": cache.state.value,
+        "version": cache.version,
+        "revision": cache.revision,
+        "expire_time": cache.expire_time,
+        "zones_pending": _zones_pending(cache),
+        "wire": encoder.encode(cache) if encoder else None,
+        "wire_format": encoder.format if encoder else None,
+    }
+
+
+def cache_row(cache: ImageCache, *, encoder: CacheEncoder | None) -> dict[str, Any]:
+    """Column values of a new row holding ``cache`` as it is (bulk loads; `insert_cache` below)."""
+    return {
+        "id": cache.cache_id,
+        **_version_values(cache, encoder),
+        "lease_owner": "",
+        "last_event_sequence": 0,
+    }
+
+
 # --- revisions and the change feed ---------------------------------------------------------------
 
 
@@ -356,20 +412,12 @@ def compact_changes(session: Session, *, keep: int) -> int:
 # --- caches ------------------------------------------------------------------------------------
 
 
-def insert_cache(session: Session, *, cache: ImageCache, now: datetime) -> ImageCache:
+def insert_cache(
+    session: Session, *, cache: ImageCache, now: datetime, encoder: CacheEncoder | None = None
+) -> ImageCache:
     """Insert a new cache at the next revision; return it as stored."""
     stored = replace(cache, revision=next_revision(session), version=1)
-    session.add(
-        CacheRow(
-            id=stored.cache_id,
-            doc=cache_to_doc(stored),
-            state=stored.state.value,
-            version=stored.version,
-            revision=stored.revision,
-            expire_time=stored.expire_time,
-            zones_pending=_zones_pending(stored),
-        )
-    )
+    session.add(CacheRow(**cache_row(stored, encoder=encoder)))
     session.add_all(_terms(stored))
     _record_change(session, cache=stored, change_type=ChangeType.UPSERT, now=now)
     session.flush()
@@ -388,27 +436,58 @@ def get_cache(
     session: Session, *, cache_id: str, for_update: bool = False, memo: DecodedCaches = _NO_MEMO
 ) -> ImageCache | None:
     """One cache, or None."""
-    query = sa.select(col(CacheRow.id), col(CacheRow.version), _DOC_TEXT).where(col(CacheRow.id) == cache_id)
+    query = sa.select(col(CacheRow.id), col(CacheRow.revision), _DOC_TEXT).where(col(CacheRow.id) == cache_id)
     if for_update:
         query = query.with_for_update()
     row = session.execute(query).first()
     return memo.decode(row[0], row[1], row[2]) if row else None
 
 
-def update_cache(session: Session, *, cache: ImageCache, expected_version: int, now: datetime) -> ImageCache:
+def _served_columns(wire_format: str) -> tuple[Any, ...]:
+    """id, revision, the wire form if it is in ``wire_format``, else the document (never both)."""
+    if not wire_format:
+        return (col(CacheRow.id), col(CacheRow.revision), sa.null(), _DOC_TEXT)
+    served = col(CacheRow.wire_format) == wire_format
+    return (
+        col(CacheRow.id),
+        col(CacheRow.revision),
+        sa.case((served, col(CacheRow.wire)), else_=sa.null()),
+        sa.case((served, sa.null()), else_=_DOC_TEXT),
+    )
+
+
+def _served(row: sa.Row[str, int, bytes | None, str | None], memo: DecodedCaches) -> ServedCache:
+    cache_id, revision, wire, text = row
+    if wire is not None:
+        return ServedCache(CacheId(cache_id), wire)
+    assert text is not None  # `_served_columns` selects the document whenever it leaves out wire
+    return ServedCache(CacheId(cache_id), memo.decode(cache_id, revision, text))
+
+
+def read_cache(
+    session: Session, *, cache_id: str, wire_format: str, memo: DecodedCaches = _NO_MEMO
+) -> ServedCache | None:
+    """One cache as the API serves it (its wire form in ``wire_format`` when stored), or None."""
+    row = session.execute(
+        sa.select(*_served_columns(wire_format)).where(col(CacheRow.id) == cache_id)
+    ).first()
+    return _served(row, memo) if row else None
+
+
+def update_cache(
+    session: Session,
+    *,
+    cache: ImageCache,
+    expected_version: int,
+    now: datetime,
+    encoder: CacheEncoder | None = None,
+) -> ImageCache:
     """Write a new version of a cache if nobody else did since ``expected_version``."""
     stored = replace(cache, version=expected_version + 1, revision=next_revision(session))
     result = session.execute(
         update(CacheRow)
         .where(col(CacheRow.id) == cache.cache_id, col(CacheRow.version) == expected_version)
-        .values(
-            doc=cache_to_doc(stored),
-            state=stored.state.value,
-            version=stored.version,
-            revision=stored.revision,
-            expire_time=stored.expire_time,
-            zones_pending=_zones_pending(stored),
-        )
+        .values(**_version_values(stored, encoder))
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise Aborted(
@@ -433,11 +512,11 @@ def delete_cache(session: Session, *, cache: ImageCache, now: datetime) -> None:
     _record_change(session, cache=last, change_type=ChangeType.DELETE, now=now)
 
 
-def list_caches(
-    session: Session, *, after_id: str, limit: int, where: CacheFilter, memo: DecodedCaches = _NO_MEMO
-) -> list[ImageCache]:
-    """A page of caches in id order after ``after_id`` (keyset pagination)."""
-    query = sa.select(col(CacheRow.id), col(CacheRow.version), _DOC_TEXT).where(col(CacheRow.id) > after_id)
+def _page(
+    query: sa.Select[*_Columns], *, after_id: str, limit: int, where: CacheFilter
+) -> sa.Select[*_Columns]:
+    """``query`` narrowed to a page of caches in id order after ``after_id`` (keyset pagination)."""
+    query = query.where(col(CacheRow.id) > after_id)
     if where.states:
         query = query.where(col(CacheRow.state).in_([s.value for s in where.states]))
     terms = [("image", where.image)] if where.image else []
@@ -450,8 +529,57 @@ def list_caches(
                 col(CacheTermRow.value) == value,
             )
         )
-    rows = session.execute(query.order_by(col(CacheRow.id)).limit(limit)).all()
-    return [memo.decode(cache_id, version, text) for cache_id, version, text in rows]
+    return query.order_by(col(CacheRow.id)).limit(limit)
+
+
+def list_caches(
+    session: Session, *, after_id: str, limit: int, where: CacheFilter, memo: DecodedCaches = _NO_MEMO
+) -> list[ImageCache]:
+    """A page of caches in id order after ``after_id`` (keyset pagination)."""
+    query = sa.select(col(CacheRow.id), col(CacheRow.revision), _DOC_TEXT)
+    rows = session.execute(_page(query, after_id=after_id, limit=limit, where=where)).all()
+    return [memo.decode(cache_id, revision, text) for cache_id, revision, text in rows]
+
+
+def read_caches(
+    session: Session,
+    *,
+    after_id: str,
+    limit: int,
+    where: CacheFilter,
+    wire_format: str,
+    memo: DecodedCaches = _NO_MEMO,
+) -> list[ServedCache]:
+    """A page of caches as the API serves them (see `read_cache`), in id order after ``after_id``."""
+    query = sa.select(*_served_columns(wire_format))
+    rows = session.execute(_page(query, after_id=after_id, limit=limit, where=where)).all()
+    return [_served(row, memo) for row in rows]
+
+
+def caches_without_wire(session: Session, *, wire_format: str, after_id: str, limit: int) -> list[ImageCache]:
+    """Caches whose row has no wire form in ``wire_format``, in id order after ``after_id``."""
+    missing = sa.or_(col(CacheRow.wire_format).is_(None), col(CacheRow.wire_format) != wire_format)
+    query = (
+        sa.select(_DOC_TEXT)
+        .where(col(CacheRow.id) > after_id, missing)
+        .order_by(col(CacheRow.id))
+        .limit(limit)
+    )
+    return [cache_from_doc(orjson.loads(text)) for text in session.execute(query).scalars()]
+
+
+def set_wire(session: Session, *, cache: ImageCache, wire: bytes, wire_format: str) -> bool:
+    """Store the wire form of ``cache`` if its row still holds that version; False if it moved on.
+
+    Guarded by the revision, unique registry-wide, so not even a cache deleted and created again
+    under the same id (back at version 1) can receive another cache's wire form.
+    """
+    result = session.execute(
+        update(CacheRow)
+        .where(col(CacheRow.id) == cache.cache_id, col(CacheRow.revision) == cache.revision)
+        .values(wire=wire, wire_format=wire_format)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def all_cache_ids(session: Session) -> set[str]:

@@ -70,6 +70,7 @@ class WorkerSettings:
     change_log_keep: int = 100_000
     progress_interval_seconds: float = 0.5
     orphan_grace_seconds: float = 60.0
+    wire_fill_batch: int = 500  # caches encoded per transaction when filling in wire forms
 
 
 class _LeaseLost(Exception):
@@ -88,6 +89,7 @@ class LifecycleWorker:
         clock: Clock,
         settings: WorkerSettings,
         resolve_credentials: CredentialResolver,
+        encoder: store.CacheEncoder | None = None,
     ) -> None:
         self._db = database
         self._provider = provider
@@ -104,6 +106,8 @@ class LifecycleWorker:
         self._thread: threading.Thread | None = None
         self._orphans_seen: dict[str, float] = {}
         self._last_housekeeping = 0.0
+        self._encoder = encoder  # the wire form written with each version (see store)
+        self._wire_filled = encoder is None
 
     # --- running -----------------------------------------------------------------------------
 
@@ -468,6 +472,8 @@ class LifecycleWorker:
 
     def housekeeping(self) -> None:
         """Drop expired failed caches, compact the change feed, reconcile with the provider."""
+        if not self._wire_filled:
+            self.fill_wire_forms()
         now = self._clock()
         cutoff = now - self._settings.failed_cache_ttl
         with self._db.transaction(write=False) as session:
@@ -486,6 +492,34 @@ class LifecycleWorker:
         with self._db.transaction() as session:
             store.compact_changes(session, keep=self._settings.change_log_keep)
         self.reconcile(startup=False)
+
+    def fill_wire_forms(self) -> int:
+        """Store the wire form of every cache version that lacks it in our format; return how many.
+
+        Rows from before the wire column, or written by another release's encoding, are served by
+        decoding them until this pass has run once (at the first housekeeping after start-up).
+        A version that changes meanwhile is skipped: its writer stored its own wire form.
+        """
+        assert self._encoder is not None
+        encoder, after, filled = self._encoder, "", 0
+        while True:
+            if self._stop.is_set():
+                return filled
+            with self._db.transaction(write=False) as session:
+                caches = store.caches_without_wire(
+                    session, wire_format=encoder.format, after_id=after, limit=self._settings.wire_fill_batch
+                )
+            if not caches:
+                break
+            encoded = [(c, encoder.encode(c)) for c in caches]  # before taking the write lock
+            with self._db.transaction() as session:
+                for cache, wire in encoded:
+                    filled += store.set_wire(session, cache=cache, wire=wire, wire_format=encoder.format)
+            after = caches[-1].cache_id
+        self._wire_filled = True
+        if filled:
+            log.info("stored the wire form of %d cache version(s) written without one", filled)
+        return filled
 
     def reconcile(self, *, startup: bool) -> None:
         """Delete what the provider holds but no record owns; at start-up, at once.
@@ -579,7 +613,9 @@ class LifecycleWorker:
             if current.state is CacheState.DELETING:
                 raise _Superseded
             updated = replace(change(current), update_time=now)
-            stored = store.update_cache(session, cache=updated, expected_version=current.version, now=now)
+            stored = store.update_cache(
+                session, cache=updated, expected_version=current.version, now=now, encoder=self._encoder
+            )
             store.set_next_attempt(session, cache_id=cache.cache_id, at=next_attempt)
             if event is not None:
                 event_type, reason, message, attributes = event
