@@ -6,17 +6,17 @@ name with its tag (`docker.io/library/nginx:1.25`) and with each digest it was r
 (its digest if it pins one, else its tag), so "does this cache hold that image" is one dict
 lookup, and "which caches hold it" is one posting list.
 
-Posting lists are kept sorted in TKE's order (smaller cache first, then newer, then name), so
-the EXACT policy walks the rarest pod image's list from the front and stops at the first
-caches that qualify. Keys and images are pooled: 100,000 caches drawn from 20,000 images share
-one copy of each image's strings.
+A posting is a set of cache entries (hashed by identity), so "the caches holding every image of
+the pod" is one C-level set intersection, rarest first, whatever the size of the common
+images' postings. Images are pooled: 100,000 caches drawn from 20,000 images share one copy of
+each image and its strings.
 """
 
 from __future__ import annotations
 
 import bisect
 import enum
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -59,7 +59,7 @@ class HeldImage:
         return tuple(dict.fromkeys(found))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # hashed by identity: postings are sets
 class CacheEntry:
     """What the matcher knows of one cache."""
 
@@ -95,31 +95,34 @@ def _exact_order(entry: CacheEntry) -> tuple[int, int, str]:
     return entry.exact_order
 
 
-@dataclass(slots=True)
-class Posting:
-    """The caches holding one match key, in TKE's order, with the most bytes any of them holds."""
+class Posting(set["CacheEntry"]):
+    """The caches holding one match key: a set (for intersections) and a list in TKE's order.
 
-    entries: list[CacheEntry] = field(default_factory=list)
-    # An upper bound of the key's compressed bytes over the entries; never lowered on removal,
-    # which keeps it a valid bound for the partial policies' early stop.
-    max_bytes: int = 0
+    The order (smaller cache, newer, name) lets EXACT take the best caches holding a common image
+    from the front instead of sorting thousands per request; `max_bytes` bounds the key's bytes
+    over the entries for the partial policies' early stop (never lowered on removal, so it stays
+    a valid bound).
+    """
 
-    def add(self, entry: CacheEntry, compressed_bytes: int) -> None:
-        """File ``entry`` at its place in the order."""
-        bisect.insort(self.entries, entry, key=_exact_order)
+    __slots__ = ("max_bytes", "ordered")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.max_bytes = 0
+        self.ordered: list[CacheEntry] = []
+
+    def file(self, entry: CacheEntry, compressed_bytes: int) -> None:
+        """Add ``entry`` at its place in the order."""
+        self.add(entry)
+        bisect.insort(self.ordered, entry, key=_exact_order)
         self.max_bytes = max(self.max_bytes, compressed_bytes)
 
-    def remove(self, entry: CacheEntry) -> None:
-        """Take ``entry`` (found by its order key) out."""
-        at = bisect.bisect_left(self.entries, entry.exact_order, key=_exact_order)
-        if at < len(self.entries) and self.entries[at].name == entry.name:
-            del self.entries[at]
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __iter__(self) -> Iterator[CacheEntry]:
-        return iter(self.entries)
+    def unfile(self, entry: CacheEntry) -> None:
+        """Take ``entry`` out."""
+        self.discard(entry)
+        at = bisect.bisect_left(self.ordered, entry.exact_order, key=_exact_order)
+        if at < len(self.ordered) and self.ordered[at] is entry:
+            del self.ordered[at]
 
 
 EMPTY_POSTING = Posting()
@@ -226,7 +229,7 @@ class CacheIndex:
             posting = self._postings.get(key)
             if posting is None:
                 posting = self._postings[key] = Posting()
-            posting.add(entry, image.compressed_bytes)
+            posting.file(entry, image.compressed_bytes)
 
     def _unfile(self, entry: CacheEntry) -> None:
         if entry.state is CacheState.READY:
@@ -235,16 +238,16 @@ class CacheIndex:
             posting = self._postings.get(key)
             if posting is None:
                 continue
-            posting.remove(entry)
-            if not posting.entries:
+            posting.unfile(entry)
+            if not posting:
                 del self._postings[key]
 
 
 def build_index(entries: Iterable[CacheEntry], *, revision: int, pool: ImagePool) -> CacheIndex:
     """A fresh index of ``entries`` as of ``revision`` (a full load or a resync).
 
-    Filed in bulk and sorted once per posting: inserting 100,000 caches one by one into sorted
-    postings would move each common image's list once per cache.
+    Filed in bulk and each posting sorted once: inserting 100,000 caches one by one would move
+    each common image's ordered list once per cache.
     """
     index = CacheIndex(pool)
     for entry in entries:
@@ -260,11 +263,12 @@ def build_index(entries: Iterable[CacheEntry], *, revision: int, pool: ImagePool
             posting = postings.get(key)
             if posting is None:
                 posting = postings[key] = Posting()
-            posting.entries.append(entry)
+            posting.add(entry)
+            posting.ordered.append(entry)
             posting.max_bytes = max(posting.max_bytes, image.compressed_bytes)
         index.revision = max(index.revision, entry.revision)
     for posting in postings.values():
-        posting.entries.sort(key=_exact_order)
+        posting.ordered.sort(key=_exact_order)
     index._postings = postings
     index.advance(revision)
     return index

@@ -4,25 +4,29 @@ Pure: takes the index, a validated request and the time; returns a decision, ran
 and the rejected caches with a reason each. The search is exact (the tests hold it against a
 brute-force reference) but does not look at every cache:
 
-- EXACT (TKE): a qualifying cache holds every pod image, so it is in the posting of the pod's
-  rarest image. That posting is already in TKE's order (smaller cache, newer, name), so the walk
-  stops as soon as it has the candidates it was asked for.
+- EXACT (TKE): a qualifying cache holds every pod image: the intersection of the images'
+  postings, rarest first (a C-level set operation). A small intersection is judged and sorted;
+  a large one (a pod of common images only) is walked in the rarest posting's TKE order
+  (smaller cache, newer, name), stopping at the first caches that qualify.
 - BYTES_COVERED / IMAGES_COVERED (Huawei size / quantity): postings are read rarest first. After
   reading some of them, a cache not seen yet lacks all their images, which bounds its score (the
   count, or the sum of the other postings' largest bytes); the search stops once the candidates
   it holds beat that bound, or once an unseen cache could not reach `min_covered`.
 
-Rejections are the closest misses among the caches examined (most images covered first); when
-the search stopped early or found more than it may list, the answer says it was truncated.
+Rejections are the closest misses among the caches examined (most images covered first). When a
+cache qualifies, only caches holding every image were examined; with no match, a bounded number
+of caches holding some of the images is. When more caches share an image with the pod than were
+examined or listed, the answer says it is truncated.
 """
 
 from __future__ import annotations
 
 import enum
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from operator import itemgetter
 from typing import Any
 
 from services.matcher.index import CacheEntry, CacheIndex, CacheState, HeldImage, Posting
@@ -30,9 +34,16 @@ from services.matcher.match_requests import MatchRequest, PodImage, Policy
 
 RankKey = tuple[int, int, int, str]
 
-# How many more caches a search that found no candidate examines, beyond the rarest image's
-# posting, to explain the miss; bounds the cost of a pod whose images are all common.
-EXPLAIN_BUDGET = 512
+# How many caches holding some of the pod's images a search that found no candidate examines to
+# explain the miss (at least, and twice the rejections asked for); bounds the cost of a
+# pod whose images are common but never together.
+EXPLAIN_BUDGET = 32
+# Up to this many caches holding every image are always sorted and judged outright.
+# A pod whose rarest image is in more caches than WALK_FIRST is first searched by walking that
+# image's posting in TKE's order for at most WALK_BUDGET steps.
+WALK_FIRST = 512
+WALK_BUDGET = 256
+SMALL_INTERSECTION = 32
 
 
 class Decision(enum.Enum):
@@ -218,10 +229,14 @@ class _Rejections:
         self.overflow = False
 
     def offer(
-        self, entry: CacheEntry, coverage: Coverage, build: Rejection | Callable[[], Rejection]
+        self,
+        entry: CacheEntry,
+        count: int,
+        bytes_covered: int,
+        build: Rejection | Callable[[], Rejection],
     ) -> None:
         """Keep the rejection (made by ``build`` if not made yet) if among the closest so far."""
-        key = (-coverage.count, rank_key(self._policy, entry, coverage.count, coverage.bytes_covered))
+        key = (-count, rank_key(self._policy, entry, count, bytes_covered))
         if len(self._heap) < self._limit:
             heapq.heappush(self._heap, (_Backwards(key), build if isinstance(build, Rejection) else build()))
             return
@@ -230,6 +245,11 @@ class _Rejections:
             heapq.heapreplace(
                 self._heap, (_Backwards(key), build if isinstance(build, Rejection) else build())
             )
+
+    def offer_verdict(self, verdict: Rejection) -> None:
+        """Keep a rejection already made."""
+        coverage = verdict.coverage
+        self.offer(verdict.entry, coverage.count, coverage.bytes_covered, verdict)
 
     def ordered(self) -> tuple[Rejection, ...]:
         """The kept rejections, closest first."""
@@ -242,59 +262,130 @@ def _search_exact(
     images = request.images
     postings = sorted((index.posting(image.key) for image in images), key=len)
     rarest = postings[0]
+    if len(postings) > 1 and len(rarest) > WALK_FIRST:
+        walked = _walk(rarest, postings[1:], request, now_ns)
+        if walked is not None:
+            found, rejected = walked
+            for rejection in rejected:
+                rejections.offer_verdict(rejection)
+            return found, True
+    holding = rarest.intersection(*postings[1:]) if len(postings) > 1 else rarest
     candidates: list[Candidate] = []
     stopped_early = False
-    seen: set[str] = set()
-    for position, entry in enumerate(rarest):
-        seen.add(entry.name)
-        coverage = coverage_of(entry, images)
-        verdict = judge(entry, coverage, request, now_ns)
+    # Judge the intersection in order, or walk the rarest posting's ordered list, whichever
+    # reaches the first `max_candidates` qualifying caches in fewer steps.
+    walk_steps = request.max_candidates * len(rarest) / max(len(holding), 1)
+    if len(holding) <= SMALL_INTERSECTION or len(holding) <= walk_steps:
+        for entry in sorted(holding, key=_exact_order):
+            verdict = judge(entry, coverage_of(entry, images), request, now_ns)
+            if isinstance(verdict, Rejection):
+                rejections.offer_verdict(verdict)
+            elif len(candidates) < request.max_candidates:
+                candidates.append(verdict)
+    else:
+        # Many caches hold every image (the pod runs common images only): walk the rarest
+        # posting in TKE's order and stop at the first caches that qualify.
+        left = len(holding)
+        for entry in rarest.ordered:
+            if entry not in holding:
+                continue
+            left -= 1
+            verdict = judge(entry, coverage_of(entry, images), request, now_ns)
+            if isinstance(verdict, Rejection):
+                rejections.offer_verdict(verdict)
+                continue
+            candidates.append(verdict)
+            if len(candidates) == request.max_candidates:
+                stopped_early = left > 0
+                break
+    if not candidates:
+        return candidates, _explain_more(postings, set(holding), request, now_ns, rejections)
+    # Caches holding only some of the images were not examined: the rejections are complete
+    # only if there are none, i.e. every posting is the intersection itself.
+    return candidates, stopped_early or any(len(p) > len(holding) for p in postings)
+
+
+def _walk(
+    rarest: Posting, others: Sequence[Posting], request: MatchRequest, now_ns: int
+) -> tuple[list[Candidate], list[Rejection]] | None:
+    """The best caches holding every image, found by walking the rarest posting in TKE's order.
+
+    For pods whose rarest image is still common: intersecting tens of thousands of entries costs
+    more than walking to the first caches that qualify. Gives up (None) after WALK_BUDGET steps,
+    and the caller intersects instead.
+    """
+    candidates: list[Candidate] = []
+    rejected: list[Rejection] = []
+    for steps, entry in enumerate(rarest.ordered):
+        if steps == WALK_BUDGET:
+            return None
+        if not all(entry in posting for posting in others):
+            continue
+        verdict = judge(entry, coverage_of(entry, request.images), request, now_ns)
         if isinstance(verdict, Rejection):
-            rejections.offer(entry, coverage, verdict)
+            rejected.append(verdict)
             continue
         candidates.append(verdict)
         if len(candidates) == request.max_candidates:
-            stopped_early = position + 1 < len(rarest)
-            break
-    if not candidates:
-        return candidates, _explain_more(postings[1:], seen, request, now_ns, rejections) or stopped_early
-    # The walk found its candidates in the rarest posting; caches holding only other images
-    # were not examined, so the rejections are complete only if there are none.
-    return candidates, stopped_early or not _all_seen(postings[1:], seen)
+            return candidates, rejected
+    return None
 
 
-def _all_seen(postings: Iterable[Posting], seen: set[str]) -> bool:
-    """True if every cache in ``postings`` is in ``seen`` (cheap when a posting is longer)."""
-    for posting in postings:
-        if len(posting) > len(seen) or any(entry.name not in seen for entry in posting):
-            return False
-    return True
+def _exact_order(entry: CacheEntry) -> tuple[int, int, str]:
+    return entry.exact_order
 
 
 def _explain_more(
     postings: Iterable[Posting],
-    seen: set[str],
+    seen: set[CacheEntry],
     request: MatchRequest,
     now_ns: int,
     rejections: _Rejections,
 ) -> bool:
-    """Look at caches holding some of the other images, to explain a miss. True if cut short."""
-    budget = EXPLAIN_BUDGET
+    """Look at caches holding some of the images, to explain a miss. True if cut short.
+
+    Counts first (cheap), then builds rejections only for the closest of those examined.
+    """
+    budget = max(EXPLAIN_BUDGET, 2 * request.max_rejections)
+    examined: list[tuple[tuple[int, RankKey], CacheEntry]] = []
+    cut = False
     for posting in postings:
         for entry in posting:
-            if entry.name in seen:
+            if entry in seen:
                 continue
-            if budget == 0:
-                return True
-            budget -= 1
-            seen.add(entry.name)
-            coverage = coverage_of(entry, request.images)
-            rejections.offer(entry, coverage, partial(_rejection, entry, coverage, request, now_ns))
-    return False
+            if len(examined) == budget:
+                cut = True
+                break
+            seen.add(entry)
+            count, bytes_covered = _count(entry, request)
+            examined.append(((-count, rank_key(request.policy, entry, count, bytes_covered)), entry))
+        if cut:
+            break
+    closest = heapq.nsmallest(request.max_rejections, examined, key=itemgetter(0))
+    for (negative_count, (_, _, _, _)), entry in closest:
+        _, bytes_covered = _count(entry, request)
+        rejections.offer(entry, -negative_count, bytes_covered, partial(_rejection, entry, request, now_ns))
+    if len(examined) > len(closest):
+        rejections.overflow = True
+    return cut
 
 
-def _rejection(entry: CacheEntry, coverage: Coverage, request: MatchRequest, now_ns: int) -> Rejection:
-    verdict = judge(entry, coverage, request, now_ns)
+def _count(entry: CacheEntry, request: MatchRequest) -> tuple[int, int]:
+    """How many of the pod's images ``entry`` holds, and their bytes (only BYTES_COVERED needs them)."""
+    by_key = entry.by_key
+    if request.policy is not Policy.BYTES_COVERED:
+        return sum(1 for image in request.images if image.key in by_key), 0
+    count = total = 0
+    for image in request.images:
+        held = by_key.get(image.key)
+        if held is not None:
+            count += 1
+            total += held.compressed_bytes
+    return count, total
+
+
+def _rejection(entry: CacheEntry, request: MatchRequest, now_ns: int) -> Rejection:
+    verdict = judge(entry, coverage_of(entry, request.images), request, now_ns)
     if not isinstance(verdict, Rejection):  # only called for caches short of images
         raise AssertionError(f"{entry.name} qualifies")
     return verdict
@@ -308,16 +399,16 @@ def _search_partial(
     by_bytes = policy is Policy.BYTES_COVERED
     postings = sorted((index.posting(image.key) for image in images), key=len)
     best: list[tuple[_Backwards, Candidate]] = []  # the best so far, worst on top
-    seen: set[str] = set()
+    seen: set[CacheEntry] = set()
     for read, posting in enumerate(postings, start=1):
         for entry in posting:
-            if entry.name in seen:
+            if entry in seen:
                 continue
-            seen.add(entry.name)
+            seen.add(entry)
             coverage = coverage_of(entry, images)
             verdict = judge(entry, coverage, request, now_ns)
             if isinstance(verdict, Rejection):
-                rejections.offer(entry, coverage, verdict)
+                rejections.offer_verdict(verdict)
                 continue
             key = _Backwards(rank_key(policy, entry, coverage.count, coverage.bytes_covered))
             if len(best) < request.max_candidates:

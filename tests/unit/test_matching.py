@@ -8,13 +8,15 @@ true rejections (all of them, closest first, when the answer says it is not trun
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from services.matcher import matching as matching_module
 from services.matcher.index import CacheEntry, CacheIndex, CacheState, HeldImage, ImagePool, build_index
 from services.matcher.match_requests import MatchRequest, Policy, build_request
 from services.matcher.matching import Action, Decision, MatchOutcome, RejectReason, match
@@ -219,6 +221,24 @@ def pod_image(draw: st.DrawFn) -> str:
     return f"{written}:{draw(st.sampled_from(TAGS))}@{digest}"
 
 
+def held_reference(ref_caches: Sequence[RefCache]) -> st.SearchStrategy[str]:
+    """An image some cache holds, written by tag or by one of its digests (pods that do match)."""
+    texts = sorted(
+        {
+            text
+            for cache in ref_caches
+            for held in cache.images
+            for text in (
+                f"{held.name}:{held.tag}" if held.tag else "",
+                f"{held.name}@{held.manifest_digest}",
+                f"{held.name}@{held.index_digest}" if held.index_digest else "",
+            )
+            if text
+        }
+    )
+    return st.sampled_from(texts) if texts else pod_image()
+
+
 def to_entry(cache: RefCache) -> CacheEntry:
     return CacheEntry(
         name=cache.name,
@@ -264,19 +284,37 @@ def check_against_reference(outcome: MatchOutcome, expected: RefAnswer, request:
         assert set(listed) == set(expected.rejected)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The search's size thresholds, shrunk so that a dozen caches take every path the real sizes
+# take with thousands: the walk of the rarest posting, its give-up, the bounded explanation.
+TINY_THRESHOLDS = {"SMALL_INTERSECTION": 0, "WALK_FIRST": 1, "WALK_BUDGET": 2, "EXPLAIN_BUDGET": 1}
+
+
+@contextmanager
+def search_thresholds(values: dict[str, int]) -> Iterator[None]:
+    saved = {name: getattr(matching_module, name) for name in values}
+    try:
+        for name, value in values.items():
+            setattr(matching_module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(matching_module, name, value)
+
+
+@pytest.mark.parametrize("thresholds", ["real", "tiny"])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.data(),
     cache_count=st.integers(0, 12),
     policy=st.sampled_from(list(Policy)),
     strict=st.booleans(),
-    incremental=st.booleans(),
 )
 def test_answers_equal_the_brute_force_reference(
-    data: st.DataObject, cache_count: int, policy: Policy, strict: bool, incremental: bool
+    thresholds: str, data: st.DataObject, cache_count: int, policy: Policy, strict: bool
 ) -> None:
+    incremental = data.draw(st.booleans(), label="incremental")
     ref_caches = [data.draw(caches(i)) for i in range(cache_count)]
-    images = data.draw(st.lists(pod_image(), min_size=1, max_size=4))
+    images = data.draw(st.lists(pod_image() | held_reference(ref_caches), min_size=1, max_size=4))
     distinct = len(ref_distinct(images))
     manual = ""
     if data.draw(st.integers(0, 4)) == 0:
@@ -299,7 +337,8 @@ def test_answers_equal_the_brute_force_reference(
         max_candidates=max_candidates,
         max_rejections=max_rejections,
     )
-    outcome = match(index_of(ref_caches, incremental=incremental), request, now_ns=NOW)
+    with search_thresholds(TINY_THRESHOLDS if thresholds == "tiny" else {}):
+        outcome = match(index_of(ref_caches, incremental=incremental), request, now_ns=NOW)
     expected = reference(
         ref_caches,
         images=images,
@@ -545,3 +584,53 @@ def test_bad_requests_name_every_bad_field(kw: dict[str, object], fields: list[s
 def test_duplicate_pod_images_count_once() -> None:
     request = build_request(images=["nginx", "docker.io/library/nginx:latest", "nginx:latest"])
     assert [image.normalized for image in request.images] == ["docker.io/library/nginx:latest"]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), cache_count=st.integers(8, 40), max_candidates=st.integers(1, 4))
+def test_exact_search_walks_common_images_in_tke_order(
+    data: st.DataObject, cache_count: int, max_candidates: int
+) -> None:
+    """Many caches holding the same few images: the walk of the rarest posting, and its give-up."""
+    common = [
+        held("docker.io/library/alpine:3", DIGESTS[0]),
+        held("docker.io/library/nginx:1.25", DIGESTS[1]),
+    ]
+    extra = [held("ghcr.io/org/tool:1.0", DIGESTS[2]), held("ghcr.io/org/tool:2.0", DIGESTS[3])]
+    ref_caches = []
+    for number in range(cache_count):
+        images = [image for image in common + extra if data.draw(st.booleans())] or common[:1]
+        ref_caches.append(
+            RefCache(
+                name=f"imageCaches/imc-{number:08d}",
+                state=data.draw(st.sampled_from([CacheState.READY] * 5 + [CacheState.CREATING])),
+                size=data.draw(st.integers(1, 3)),
+                created=data.draw(st.integers(0, 5)),
+                expires=0,
+                images=tuple(images),
+                available=("zone-a",),
+                hydrating=(),
+            )
+        )
+    pod = data.draw(
+        st.lists(
+            st.sampled_from(["alpine:3", "nginx:1.25", "ghcr.io/org/tool:1.0", f"nginx@{DIGESTS[1]}"]),
+            min_size=2,
+            max_size=3,
+        )
+    )
+    request = build_request(images=pod, max_candidates=max_candidates, max_rejections=5)
+    expected = reference(
+        ref_caches,
+        images=pod,
+        manual="",
+        policy=Policy.EXACT,
+        min_images=0,
+        strict=False,
+        zones=(),
+        max_candidates=max_candidates,
+    )
+    for walk_budget in (1, 3, 100):
+        with search_thresholds({"SMALL_INTERSECTION": 0, "WALK_FIRST": 2, "WALK_BUDGET": walk_budget}):
+            outcome = match(index_of(ref_caches, incremental=True), request, now_ns=NOW)
+        check_against_reference(outcome, expected, request)
