@@ -165,6 +165,8 @@ def start_or_explain(components: Sequence[Component]) -> list[str]:
         raise CommandFailed(f"cannot open the database: {exc}") from exc
     except OSError as exc:  # the port is taken, the data directory is not writable
         raise CommandFailed(f"cannot start: {exc}") from exc
+    except ValueError as exc:  # a configuration only found bad when loaded (a broken kubeconfig)
+        raise CommandFailed(f"invalid configuration: {exc}", exit_code=2) from exc
 
 
 def wait_for_signal() -> str:
@@ -256,10 +258,30 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
         "--max-concurrent-builds", type=int, default=2, metavar="N", help="builds at once (default 2)"
     )
     serve.add_argument(
+        "--kubeconfig",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="kubeconfig for reading dockerconfigjson Secrets named as credentials "
+        "(default $SNAPCACHE_KUBECONFIG)",
+    )
+    serve.add_argument(
+        "--in-cluster",
+        action="store_true",
+        help="read those Secrets with the pod's service account (default $SNAPCACHE_KUBE_IN_CLUSTER)",
+    )
+    serve.add_argument(
         "--matcher-listen",
         default=DEFAULT_MATCHER_LISTEN,
         metavar="HOST:PORT",
         help="the matcher's gRPC address (default %(default)s); 'off' runs no matcher",
+    )
+    serve.add_argument(
+        "--only",
+        choices=("registry", "matcher"),
+        default="",
+        help="run one service: the registry, or the matcher following the registry at --registry "
+        "(as separate pods do); default: both",
     )
     serve.add_argument(
         "--metrics-listen",
@@ -272,29 +294,42 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
 
 def registry_config(args: argparse.Namespace) -> RegistryConfig:
     """The registry's configuration from ``serve`` options."""
+    kube: dict[str, Any] = {}  # only what was given, so the environment's defaults still apply
+    if args.kubeconfig is not None:
+        kube["kubeconfig"] = args.kubeconfig.expanduser().resolve()
+    if args.in_cluster:
+        kube["kube_in_cluster"] = True
     return RegistryConfig(
         data_dir=(args.data_dir or default_data_dir()).expanduser().resolve(),
         listen=args.listen,
         database_url=database_url(args.database_url),
         zones=tuple(args.zone or DEFAULT_ZONES),
         max_concurrent_builds=args.max_concurrent_builds,
+        **kube,
     )
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """Start every component, say where they listen, serve until a signal, shut down cleanly."""
-    config = registry_config(args)
-    try:
-        config.validate()
-    except ValueError as exc:
-        raise CommandFailed(f"invalid configuration: {exc}", exit_code=2) from exc
-    registry = RegistryComponent(config)
-    components: list[Component] = [registry]
-    if args.matcher_listen != "off":
+    components: list[Component] = []
+    registry: RegistryComponent | None = None
+
+    def registry_address() -> str:
+        return registry.address if registry is not None else str(args.registry)
+
+    if args.only in ("", "registry"):
+        config = registry_config(args)
+        try:
+            config.validate()
+        except ValueError as exc:
+            raise CommandFailed(f"invalid configuration: {exc}", exit_code=2) from exc
+        registry = RegistryComponent(config)
+        components.append(registry)
+    if args.only == "matcher" or (not args.only and args.matcher_listen != "off"):
         components.append(
             MatcherComponent(
                 listen=args.matcher_listen,
-                registry=lambda: registry.address,
+                registry=registry_address,
                 metrics_listen=args.metrics_listen,
             )
         )

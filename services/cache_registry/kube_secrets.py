@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import urllib3
+import yaml
 from kubernetes import client as kube_client
 from kubernetes import config as kube_config
 from kubernetes.client.exceptions import ApiException
@@ -146,8 +147,10 @@ class KubeSecretReader:
             kube_config.load_kube_config(  # type: ignore[no-untyped-call]
                 config_file=str(path), context=context, client_configuration=configuration
             )
-        except (ConfigException, OSError, ValueError) as exc:
-            raise ValueError(f"cannot use kubeconfig {path}: {exc}") from None
+        # Not YAML (yaml.YAMLError), or YAML of the wrong shape (TypeError, AttributeError deep
+        # in the loader): a broken file must stop start-up with its name, not a traceback.
+        except (ConfigException, OSError, ValueError, TypeError, AttributeError, yaml.YAMLError) as exc:
+            raise ValueError(f"cannot use kubeconfig {path}: {type(exc).__name__}: {exc}") from None
         return cls(_api_client(configuration))
 
     @classmethod

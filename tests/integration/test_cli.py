@@ -353,6 +353,28 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
     assert "usage:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "is not a file"),
+        ("garbage: [", "cannot use kubeconfig"),  # not YAML
+        ("- a list\n", "cannot use kubeconfig"),  # YAML of the wrong shape
+    ],
+)
+def test_serve_refuses_a_bad_kubeconfig_with_a_message(
+    tmp_path: Path, content: str | None, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    if content is not None:
+        kubeconfig.write_text(content)
+    argv = ["serve", "--kubeconfig", str(kubeconfig), "--data-dir", str(tmp_path / "data"),
+            "--listen", "127.0.0.1:0", "--matcher-listen", "off"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid configuration:") and expected in err
+    assert "Traceback" not in err
+
+
 # -- real processes --
 
 
