@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -36,7 +37,7 @@ class CacheState(enum.Enum):
     EXPIRED = 7
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)  # weak: the pool forgets unused images
 class HeldImage:
     """An image as a cache's last build recorded it."""
 
@@ -136,10 +137,16 @@ def _parse_recorded(normalized: str) -> ImageReference:
 
 
 class ImagePool:
-    """Interns held images, so caches sharing an image share one object and its strings."""
+    """Interns held images, so caches sharing an image share one object and its strings.
+
+    Weak: an image no cache holds any more is dropped, so a long-lived matcher following a
+    registry with churn does not keep every image it ever saw.
+    """
 
     def __init__(self) -> None:
-        self._images: dict[tuple[str, str, str, int, int], HeldImage] = {}
+        self._images: weakref.WeakValueDictionary[tuple[str, str, str, int, int], HeldImage] = (
+            weakref.WeakValueDictionary()
+        )
 
     def held_image(
         self,

@@ -14,6 +14,7 @@ how long it has been since the registry was last heard from.
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 import time
@@ -31,6 +32,7 @@ from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
 
 log = logging.getLogger(__name__)
 
+_Page = api.ListImageCachesResponse | BaseException | None
 _UPSERT = api.WatchImageCachesResponse.UPSERT
 _DELETE = api.WatchImageCachesResponse.DELETE
 
@@ -61,6 +63,16 @@ class SyncStatus:
     last_full_sync_time: float  # wall clock seconds; 0 before the first load
     full_syncs: int
     last_error: str
+
+
+def _put(pages: queue.Queue[_Page], item: _Page, abandon: threading.Event) -> None:
+    """Hand ``item`` over unless the consumer gave up (then it would never be taken)."""
+    while not abandon.is_set():
+        try:
+            pages.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
 
 
 class IndexSync:
@@ -154,7 +166,7 @@ class IndexSync:
         while not self._stopping.is_set():
             try:
                 if need_full:
-                    self._full_load()
+                    self.load_once()
                     need_full = False
                     backoff = self._settings.backoff_initial_seconds
                 self._follow()
@@ -198,23 +210,51 @@ class IndexSync:
             log.warning("registry feed silent for %.0fs; reconnecting", quiet)
             call.cancel()
 
-    def _full_load(self) -> None:
-        """List every cache into a fresh index and swap it in."""
+    def load_once(self) -> None:
+        """List every cache into a fresh index and swap it in (what start-up and a resync do).
+
+        Pages are fetched by a helper thread while this one converts the previous page, so the
+        registry's work and the matcher's overlap instead of adding up.
+        """
         started = time.perf_counter()
+        pages: queue.Queue[_Page] = queue.Queue(maxsize=4)
+        abandon = threading.Event()
+
+        def fetch() -> None:
+            token = ""
+            try:
+                while not abandon.is_set():
+                    page = self._stub.ListImageCaches(
+                        api.ListImageCachesRequest(page_size=self._settings.page_size, page_token=token),
+                        timeout=self._settings.rpc_timeout_seconds,
+                    )
+                    _put(pages, page, abandon)
+                    token = page.next_page_token
+                    if not token:
+                        break
+                _put(pages, None, abandon)
+            except BaseException as exc:  # handed to the converting thread, which raises it
+                _put(pages, exc, abandon)
+
+        fetcher = threading.Thread(target=fetch, name="matcher-index-fetch", daemon=True)
+        fetcher.start()
         entries: list[CacheEntry] = []
         first_revision: int | None = None
-        token = ""
-        while True:
-            page = self._stub.ListImageCaches(
-                api.ListImageCachesRequest(page_size=self._settings.page_size, page_token=token),
-                timeout=self._settings.rpc_timeout_seconds,
-            )
-            if first_revision is None:
-                first_revision = page.revision
-            entries.extend(entry_from_cache(cache, self._pool) for cache in page.image_caches)
-            token = page.next_page_token
-            if not token or self._stopping.is_set():
-                break
+        try:
+            while True:
+                item = pages.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if first_revision is None:
+                    first_revision = item.revision
+                entries.extend(entry_from_cache(cache, self._pool) for cache in item.image_caches)
+                if self._stopping.is_set():
+                    return  # stopping: keep the index as it was rather than swap in half of one
+        finally:
+            abandon.set()
+            fetcher.join(timeout=self._settings.rpc_timeout_seconds)
         fresh = build_index(entries, revision=first_revision or 0, pool=self._pool)
         with self._lock:
             self._index = fresh

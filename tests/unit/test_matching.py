@@ -8,6 +8,7 @@ true rejections (all of them, closest first, when the answer says it is not trun
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -634,3 +635,29 @@ def test_exact_search_walks_common_images_in_tke_order(
         with search_thresholds({"SMALL_INTERSECTION": 0, "WALK_FIRST": 2, "WALK_BUDGET": walk_budget}):
             outcome = match(index_of(ref_caches, incremental=True), request, now_ns=NOW)
         check_against_reference(outcome, expected, request)
+
+
+def test_the_image_pool_shares_images_and_forgets_unused_ones() -> None:
+    own_pool = ImagePool()
+    index = CacheIndex(own_pool)
+
+    def image() -> HeldImage:
+        return own_pool.held_image(
+            normalized="nginx:1.25",
+            manifest_digest=DIGESTS[0],
+            index_digest="",
+            compressed_bytes=1,
+            uncompressed_bytes=2,
+        )
+
+    first, second = cache(1, image()), cache(2, image())
+    assert first.images[0] is second.images[0]  # one object for the image both caches hold
+    assert first.images[0].normalized == "docker.io/library/nginx:1.25"
+    index.upsert(first)
+    index.upsert(second)
+    del first, second
+    assert len(own_pool) == 1
+    index.delete("imageCaches/imc-00000001", revision=2)
+    index.delete("imageCaches/imc-00000002", revision=3)
+    gc.collect()
+    assert len(own_pool) == 0
