@@ -529,17 +529,17 @@ class LifecycleWorker:
         """
         inventory = self._provider.inventory()
         with self._db.transaction(write=False) as session:
-            caches = {c.cache_id: c for c in store.caches_in_states(session, states=list(CacheState))}
+            caches = store.provider_refs(session)
             disk_ids = {d.disk_id for d in store.list_disks(session)}
-            used_snapshots = store.snapshot_ids_in_use(session)
-        wanted_builders = {
-            f"{c.cache_id}-{c.build_id}" for c in caches.values() if c.state in lifecycle.BUILDING_STATES
-        }
+            used_snapshots = {c.snapshot_id for c in caches} | store.disk_snapshot_ids(session)
+        used_snapshots.discard("")
+        building = lifecycle.BUILDING_STATES
+        wanted_builders = {f"{c.cache_id}-{c.build_id}" for c in caches if c.state in building}
         wanted_zone_copies = {
-            (c.snapshot_id, z.zone)
-            for c in caches.values()
-            for z in c.zones
-            if z.state is not ZoneState.UNAVAILABLE
+            (c.snapshot_id, zone)
+            for c in caches
+            for zone, state in c.zones
+            if state is not ZoneState.UNAVAILABLE
         }
         provider = self._provider
         orphans: list[tuple[str, Callable[[], None]]] = []

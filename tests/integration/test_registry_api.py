@@ -449,13 +449,18 @@ def test_watch_streams_changes_in_revision_order_and_resumes(harness: Harness) -
     marker = next(stream)
     assert marker.type == api.WatchImageCachesResponse.PROGRESS
     harness.settle()
+    with harness.database.transaction(write=False) as session:
+        settled = store.current_revision(session)
     revisions: list[int] = []
     states: list[int] = []
+    # Heartbeats (PROGRESS) may come between changes while the build runs: read up to the
+    # revision the settled build reached, not up to the first heartbeat.
     for message in stream:
-        if message.type == api.WatchImageCachesResponse.PROGRESS:
+        if message.type != api.WatchImageCachesResponse.PROGRESS:
+            revisions.append(message.revision)
+            states.append(message.image_cache.state)
+        if message.revision >= settled:
             break
-        revisions.append(message.revision)
-        states.append(message.image_cache.state)
     stream.cancel()
     assert revisions == sorted(revisions) and len(set(revisions)) == len(revisions)
     assert states[-1] == pb.ImageCache.READY
