@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from google.protobuf import duration_pb2, timestamp_pb2
-
 from services.matcher.index import CacheEntry, CacheState, HeldImage, ImagePool
 from services.matcher.match_requests import MatchRequest
 from services.matcher.matching import Candidate, MatchOutcome, Rejection
@@ -19,6 +17,8 @@ from snapcache.v1 import matcher_pb2 as mpb
 
 _AVAILABLE = pb.ZoneAvailability.AVAILABLE
 _HYDRATING = pb.ZoneAvailability.HYDRATING
+_DIGEST = mpb.CoveredImage.DIGEST
+_TAG = mpb.CoveredImage.TAG
 
 
 def entry_from_cache(cache: pb.ImageCache, pool: ImagePool) -> CacheEntry:
@@ -82,67 +82,70 @@ def _state(value: int) -> CacheState:
 def match_response(
     outcome: MatchOutcome, request: MatchRequest, *, revision: int, staleness_seconds: float
 ) -> mpb.MatchImageCachesResponse:
-    """The API's answer for ``outcome``."""
-    chosen = outcome.chosen
-    staleness = duration_pb2.Duration()
-    staleness.FromNanoseconds(int(staleness_seconds * 1e9))
-    return mpb.MatchImageCachesResponse(
+    """The API's answer for ``outcome``.
+
+    Built field by field into the response (``add()`` and attribute sets): on the matcher's hot
+    path that is about twice as fast as nested keyword constructors, which build every
+    sub-message twice.
+    """
+    response = mpb.MatchImageCachesResponse(
         decision=outcome.decision.value,  # type: ignore[arg-type]
         action=outcome.action.value,  # type: ignore[arg-type]
-        image_cache=chosen.entry.name if chosen else "",
         message=outcome.message,
-        candidates=[_candidate(c, rank) for rank, c in enumerate(outcome.candidates, start=1)],
-        rejections=[_rejection(r) for r in outcome.rejections],
         rejections_truncated=outcome.rejections_truncated,
         normalized_images=[image.normalized for image in request.images],
         index_revision=revision,
-        index_staleness=staleness,
     )
+    chosen = outcome.chosen
+    if chosen is not None:
+        response.image_cache = chosen.entry.name
+    if staleness_seconds:
+        response.index_staleness.FromNanoseconds(int(staleness_seconds * 1e9))
+    for rank, candidate in enumerate(outcome.candidates, start=1):
+        _fill_candidate(response.candidates.add(), candidate, rank)
+    for rejection in outcome.rejections:
+        _fill_rejection(response.rejections.add(), rejection)
+    return response
 
 
-def _timestamp(nanos: int) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(nanos)
-    return stamp
-
-
-def _candidate(candidate: Candidate, rank: int) -> mpb.MatchCandidate:
+def _fill_candidate(out: mpb.MatchCandidate, candidate: Candidate, rank: int) -> None:
     entry, coverage = candidate.entry, candidate.coverage
-    return mpb.MatchCandidate(
-        image_cache=entry.name,
-        display_name=entry.display_name,
-        rank=rank,
-        rank_key=mpb.RankKey(
-            images_covered=coverage.count,
-            bytes_covered=coverage.bytes_covered,
-            cache_size_gib=entry.cache_size_gib,
-            create_time=_timestamp(entry.create_time_ns),
-        ),
-        covered_images=[
-            mpb.CoveredImage(
-                image=image.given,
-                cached_image=held.normalized,
-                manifest_digest=held.manifest_digest,
-                compressed_bytes=held.compressed_bytes,
-                uncompressed_bytes=held.uncompressed_bytes,
-                matched_by=mpb.CoveredImage.DIGEST if "@" in image.key else mpb.CoveredImage.TAG,
-                possibly_stale=image.possibly_stale,
-            )
-            for image, held in coverage.covered
-        ],
-        missing_images=[image.normalized for image in coverage.missing],
-        available_zones=candidate.available_zones,
-        hydrating_zones=candidate.hydrating_zones,
-    )
+    out.image_cache = entry.name
+    if entry.display_name:
+        out.display_name = entry.display_name
+    out.rank = rank
+    key = out.rank_key
+    key.images_covered = coverage.count
+    key.bytes_covered = coverage.bytes_covered
+    key.cache_size_gib = entry.cache_size_gib
+    seconds, nanos = divmod(entry.create_time_ns, 1_000_000_000)
+    key.create_time.seconds = seconds
+    key.create_time.nanos = nanos
+    covered_images = out.covered_images
+    for image, held in coverage.covered:
+        covered = covered_images.add()
+        covered.image = image.given
+        covered.cached_image = held.normalized
+        covered.manifest_digest = held.manifest_digest
+        covered.compressed_bytes = held.compressed_bytes
+        covered.uncompressed_bytes = held.uncompressed_bytes
+        covered.matched_by = _DIGEST if "@" in image.key else _TAG
+        if image.possibly_stale:
+            covered.possibly_stale = True
+    if coverage.missing:
+        out.missing_images.extend(image.normalized for image in coverage.missing)
+    out.available_zones.extend(candidate.available_zones)
+    if candidate.hydrating_zones:
+        out.hydrating_zones.extend(candidate.hydrating_zones)
 
 
-def _rejection(rejection: Rejection) -> mpb.Rejection:
-    return mpb.Rejection(
-        image_cache=rejection.entry.name,
-        reason=rejection.reason.value,  # type: ignore[arg-type]
-        message=rejection.message,
-        state=rejection.entry.state.value,  # type: ignore[arg-type]
-        missing_images=[image.normalized for image in rejection.coverage.missing],
-        images_covered=rejection.coverage.count,
-        hydrating_zones=rejection.hydrating_zones,
-    )
+def _fill_rejection(out: mpb.Rejection, rejection: Rejection) -> None:
+    out.image_cache = rejection.entry.name
+    out.reason = rejection.reason.value  # type: ignore[assignment]
+    out.message = rejection.message
+    out.state = rejection.entry.state.value  # type: ignore[assignment]
+    if rejection.coverage.missing:
+        out.missing_images.extend(image.normalized for image in rejection.coverage.missing)
+    out.images_covered = rejection.coverage.count
+    if rejection.hydrating_zones:
+        out.hydrating_zones.extend(rejection.hydrating_zones)
