@@ -556,12 +556,20 @@ class LifecycleWorker:
                 continue  # deleting the snapshot removes its zone copies
             drop_copy = partial(provider.remove_from_zone, snapshot_id=snapshot_id, zone=zone)
             orphans.append((f"zone:{zone}:{snapshot_id}", drop_copy))
+        # A zone the database calls AVAILABLE whose copy the provider no longer has was lost
+        # (storage wiped, zone rebuilt): copy it again rather than provision disks that fail.
+        for c in caches:
+            for zone, state in c.zones:
+                if state is ZoneState.AVAILABLE and (c.snapshot_id, zone) not in inventory.zone_snapshots:
+                    recopy = partial(self._zone_lost, c.cache_id, c.snapshot_id, zone)
+                    orphans.append((f"lost:{zone}:{c.snapshot_id}", recopy))
         now = time.monotonic()
         seen_now: dict[str, float] = {}
         for key, remove in orphans:
             first_seen = self._orphans_seen.get(key, now)
             if startup or now - first_seen >= self._settings.orphan_grace_seconds:
-                log.info("reconcile: removing orphaned %s", key)
+                if not key.startswith("lost:"):  # a lost zone copy logs its own line
+                    log.info("reconcile: removing orphaned %s", key)
                 remove()
             else:
                 seen_now[key] = first_seen
@@ -569,6 +577,39 @@ class LifecycleWorker:
         freed = self._provider.collect_garbage()
         if freed:
             log.info("reconcile: freed %d bytes of unreferenced blobs", freed)
+
+    def _zone_lost(self, cache_id: str, snapshot_id: str, zone: str) -> None:
+        """Mark a zone whose copy vanished HYDRATING again, so the next pass copies it anew."""
+        now = self._clock()
+        with self._db.transaction() as session:
+            current = store.get_cache(session, cache_id=cache_id, for_update=True)
+            if current is None or current.snapshot_id != snapshot_id:
+                return
+            if not any(z.zone == zone and z.state is ZoneState.AVAILABLE for z in current.zones):
+                return
+            message = "the zone's copy of the snapshot was lost; copying it again"
+            updated = replace(
+                current,
+                zones=tuple(
+                    ZoneAvailability(z.zone, ZoneState.HYDRATING, message, now) if z.zone == zone else z
+                    for z in current.zones
+                ),
+                update_time=now,
+            )
+            store.update_cache(
+                session, cache=updated, expected_version=current.version, now=now, encoder=self._encoder
+            )
+            store.append_event(
+                session,
+                cache_id=cache_id,
+                now=now,
+                type=EventType.WARNING,
+                reason="ZoneLost",
+                message=f"snapshot copy in zone {zone} is gone; copying it again",
+                attributes={"zone": zone},
+            )
+        log.warning("reconcile: %s lost its copy in zone %s; copying it again", cache_id, zone)
+        self._signal.notify()
 
     # --- writing back ------------------------------------------------------------------------
 

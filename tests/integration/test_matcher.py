@@ -147,6 +147,23 @@ def test_a_zone_that_is_lost_stops_matching_in_that_zone(
     assert list(either.candidates[0].available_zones) == ["zone-a"]
 
 
+def test_a_zone_lost_after_ready_stops_matching_there(
+    harness: Harness, stub: mpb_grpc.MatcherServiceStub
+) -> None:
+    create(harness, "nginx:1.25", cache_id="imc-00000001")
+    harness.settle()
+    eventually(lambda: chosen(stub, "nginx:1.25", zones=["zone-b"]), what="READY in zone-b")
+    snapshot = harness.registry.get(name="imageCaches/imc-00000001").snapshot_id
+    harness.provider.zone_copies.discard((snapshot, "zone-b"))
+    harness.provider.fail_zone["zone-b"] = "zone-b's disks are gone"
+    harness.worker.reconcile(startup=True)
+    harness.settle()
+    eventually(lambda: not chosen(stub, "nginx:1.25", zones=["zone-b"]), what="zone-b lost")
+    lost = ask(stub, "nginx:1.25", zones=["zone-b"], validate_only=True)
+    assert lost.rejections[0].reason == mpb.Rejection.NOT_AVAILABLE_IN_ZONES
+    assert chosen(stub, "nginx:1.25", zones=["zone-a"]) == "imageCaches/imc-00000001"
+
+
 def test_manual_match_and_strict(harness: Harness, stub: mpb_grpc.MatcherServiceStub) -> None:
     create(harness, "busybox:1", cache_id="imc-00000001")
     harness.settle()

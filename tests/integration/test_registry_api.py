@@ -547,6 +547,46 @@ def test_startup_reconcile_removes_orphans_and_keeps_live_work(harness: Harness)
     }
 
 
+def test_a_lost_zone_copy_is_copied_again_or_marked_unavailable(harness: Harness) -> None:
+    created = create(harness, "nginx")
+    harness.settle()
+    snapshot = harness.registry.get(name=created.name).snapshot_id
+    provider = harness.provider
+    provider.zone_copies.discard((snapshot, "zone-a"))  # the zone's storage lost its copy
+
+    harness.worker.reconcile(startup=False)  # seen once: may be a copy in flight, left alone
+    assert {z.zone: z.state for z in get(harness, created.name).zone_availability}["zone-a"] == (
+        pb.ZoneAvailability.AVAILABLE
+    )
+    harness.worker.reconcile(startup=True)  # acted on (as after the grace period)
+    zones = {z.zone: z for z in get(harness, created.name).zone_availability}
+    assert zones["zone-a"].state == pb.ZoneAvailability.HYDRATING and "lost" in zones["zone-a"].message
+    harness.settle()
+    assert (snapshot, "zone-a") in provider.zone_copies
+    again = get(harness, created.name)
+    assert {z.zone: z.state for z in again.zone_availability} == {
+        "zone-a": pb.ZoneAvailability.AVAILABLE,
+        "zone-b": pb.ZoneAvailability.AVAILABLE,
+    }
+    reasons = [
+        e.reason
+        for e in harness.stub.ListImageCacheEvents(
+            api.ListImageCacheEventsRequest(parent=created.name)
+        ).events
+    ]
+    assert reasons[-2:] == ["ZoneLost", "ZoneAvailable"]
+
+    # lost again, and this time the zone cannot take a copy: UNAVAILABLE with the reason
+    provider.zone_copies.discard((snapshot, "zone-b"))
+    provider.fail_zone["zone-b"] = "zone-b's storage is read-only"
+    harness.worker.reconcile(startup=True)
+    harness.settle()
+    zones = {z.zone: z for z in get(harness, created.name).zone_availability}
+    assert zones["zone-b"].state == pb.ZoneAvailability.UNAVAILABLE
+    assert zones["zone-b"].message == "zone-b's storage is read-only"
+    assert get(harness, created.name).state == pb.ImageCache.READY
+
+
 def test_periodic_reconcile_waits_for_a_grace_period(harness: Harness) -> None:
     harness.provider.disks["disk-in-flight"] = ("snap-x", "zone-a")
     harness.worker.reconcile(startup=False)
