@@ -17,6 +17,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -51,6 +52,12 @@ from snapcache.errors import SnapcacheError
 from snapcache.images import parse_image_reference
 
 log = logging.getLogger(__name__)
+
+# Lost zone copies: how many a reconcile pass re-copies at most, and the share of all copies
+# above which the provider's view is distrusted instead (checked once there are enough copies).
+LOST_ZONES_PER_PASS = 100
+LOST_ZONE_MAX_SHARE = 0.5
+LOST_ZONE_MIN_SAMPLE = 10
 
 GIB = 1024**3
 CredentialResolver = Callable[[Sequence[CredentialRef]], Mapping[str, RegistryCredential]]
@@ -556,13 +563,7 @@ class LifecycleWorker:
                 continue  # deleting the snapshot removes its zone copies
             drop_copy = partial(provider.remove_from_zone, snapshot_id=snapshot_id, zone=zone)
             orphans.append((f"zone:{zone}:{snapshot_id}", drop_copy))
-        # A zone the database calls AVAILABLE whose copy the provider no longer has was lost
-        # (storage wiped, zone rebuilt): copy it again rather than provision disks that fail.
-        for c in caches:
-            for zone, state in c.zones:
-                if state is ZoneState.AVAILABLE and (c.snapshot_id, zone) not in inventory.zone_snapshots:
-                    recopy = partial(self._zone_lost, c.cache_id, c.snapshot_id, zone)
-                    orphans.append((f"lost:{zone}:{c.snapshot_id}", recopy))
+        orphans.extend(self._lost_zone_copies(caches, inventory.zone_snapshots))
         now = time.monotonic()
         seen_now: dict[str, float] = {}
         for key, remove in orphans:
@@ -577,6 +578,42 @@ class LifecycleWorker:
         freed = self._provider.collect_garbage()
         if freed:
             log.info("reconcile: freed %d bytes of unreferenced blobs", freed)
+
+    def _lost_zone_copies(
+        self, caches: Sequence[store.ProviderRefs], held: AbstractSet[tuple[str, str]]
+    ) -> list[tuple[str, Callable[[], None]]]:
+        """Zones the database calls AVAILABLE whose copy the provider no longer has.
+
+        Such a copy was lost (storage wiped, zone rebuilt): copy it again rather than let disks
+        fail to provision. Bounded per pass, and not at all when most copies look lost at once:
+        that is a provider that cannot see its storage (not mounted, listing failed), and
+        re-copying everything would make it worse.
+        """
+        available = [
+            (c.cache_id, c.snapshot_id, zone)
+            for c in caches
+            for zone, state in c.zones
+            if state is ZoneState.AVAILABLE
+        ]
+        lost = [
+            (cache_id, snapshot, zone)
+            for cache_id, snapshot, zone in available
+            if (snapshot, zone) not in held
+        ]
+        if not lost:
+            return []
+        if len(available) >= LOST_ZONE_MIN_SAMPLE and len(lost) > len(available) * LOST_ZONE_MAX_SHARE:
+            log.error(
+                "reconcile: the provider holds none of %d of %d zone copies; not re-copying "
+                "(is its storage mounted?)",
+                len(lost),
+                len(available),
+            )
+            return []
+        return [
+            (f"lost:{zone}:{snapshot}", partial(self._zone_lost, cache_id, snapshot, zone))
+            for cache_id, snapshot, zone in lost[:LOST_ZONES_PER_PASS]
+        ]
 
     def _zone_lost(self, cache_id: str, snapshot_id: str, zone: str) -> None:
         """Mark a zone whose copy vanished HYDRATING again, so the next pass copies it anew."""

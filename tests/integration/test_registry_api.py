@@ -587,6 +587,18 @@ def test_a_lost_zone_copy_is_copied_again_or_marked_unavailable(harness: Harness
     assert get(harness, created.name).state == pb.ImageCache.READY
 
 
+def test_a_provider_that_lost_sight_of_most_copies_is_not_trusted(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    names = [create(harness, f"app{i}:1").name for i in range(5)]  # 10 zone copies
+    harness.settle()
+    harness.provider.zone_copies.clear()  # e.g. the zones' storage is not mounted
+    harness.worker.reconcile(startup=True)
+    for name in names:
+        assert {z.state for z in get(harness, name).zone_availability} == {pb.ZoneAvailability.AVAILABLE}
+    assert "holds none of 10 of 10 zone copies" in caplog.text
+
+
 def test_periodic_reconcile_waits_for_a_grace_period(harness: Harness) -> None:
     harness.provider.disks["disk-in-flight"] = ("snap-x", "zone-a")
     harness.worker.reconcile(startup=False)
