@@ -1,0 +1,66 @@
+"""Per-pod memory: the filter's matcher answer reused by prioritize, and which pods were counted.
+
+The scheduler calls filter then prioritize for the same pod within one cycle; asking the matcher
+twice would double the extender's share of every pod's scheduling time. Answers are kept by pod
+UID for a short TTL (a few seconds: long enough for one cycle, short enough that the next cycle
+sees new caches). A pod retried over many cycles is counted as a hit once: the first match of a
+UID records the hit, later ones are previews (`validate_only`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from services.extender.matches import MatchAnswer
+
+
+class DecisionCache:
+    """A bounded, thread-safe TTL map pod UID -> answer, and a bounded set of counted UIDs."""
+
+    def __init__(
+        self,
+        *,
+        ttl_seconds: float = 5.0,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ttl = ttl_seconds
+        self._max = max_entries
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._answers: OrderedDict[str, tuple[float, MatchAnswer]] = OrderedDict()
+        self._counted: OrderedDict[str, None] = OrderedDict()
+
+    def get(self, uid: str) -> MatchAnswer | None:
+        """The answer kept for ``uid`` if it is still fresh."""
+        with self._lock:
+            entry = self._answers.get(uid)
+            if entry is None:
+                return None
+            if entry[0] < self._clock():
+                del self._answers[uid]
+                return None
+            return entry[1]
+
+    def put(self, uid: str, answer: MatchAnswer) -> None:
+        """Keep ``answer`` for ``uid`` for the TTL."""
+        with self._lock:
+            self._answers[uid] = (self._clock() + self._ttl, answer)
+            self._answers.move_to_end(uid)
+            while len(self._answers) > self._max:
+                self._answers.popitem(last=False)
+
+    def first_match(self, uid: str) -> bool:
+        """True if no match of ``uid`` was counted yet (the caller then records a hit)."""
+        with self._lock:
+            return uid not in self._counted
+
+    def counted(self, uid: str) -> None:
+        """Remember that a hit was recorded for ``uid``."""
+        with self._lock:
+            self._counted[uid] = None
+            while len(self._counted) > self._max * 10:
+                self._counted.popitem(last=False)

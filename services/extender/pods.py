@@ -1,0 +1,111 @@
+"""Which pods use an image cache, how (auto or a manual cache id, strict or not) and their images.
+
+Annotations, snapcache's first, then Tencent TKE's so manifests written for TKE work unchanged:
+
+- ``snapcache.io/use-image-cache`` / ``eks.tke.cloud.tencent.com/use-image-cache``: ``auto``, a
+  cache id ``imc-xxxxxxxx`` (or ``imageCaches/imc-...``), or ``off``/``false`` to opt out of a
+  cluster-wide ``auto`` default;
+- ``snapcache.io/image-cache-strict: "true"``: only nodes in zones where the cache can be used.
+
+Images are those of init and regular containers (ephemeral containers do not exist at
+scheduling time), normalized by the project's one grammar (`snapcache.images`).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final
+
+from services.extender.api import PodInfo
+from snapcache.cache_names import parse_cache_name
+from snapcache.errors import InvalidArgument
+from snapcache.images import InvalidImageReference, parse_image_reference
+
+USE_ANNOTATION: Final = "snapcache.io/use-image-cache"
+TKE_USE_ANNOTATION: Final = "eks.tke.cloud.tencent.com/use-image-cache"
+STRICT_ANNOTATION: Final = "snapcache.io/image-cache-strict"
+MAX_IMAGES: Final = 64  # the matcher's limit
+_OFF_VALUES: Final = frozenset({"off", "false", "no", "none", "disabled"})
+_TRUE_VALUES: Final = frozenset({"true", "yes", "1"})
+
+
+class Mode(enum.Enum):
+    """How a pod uses image caches."""
+
+    OFF = "off"
+    AUTO = "auto"
+    MANUAL = "manual"
+
+
+@dataclass(frozen=True, slots=True)
+class PodRequest:
+    """A pod's image-cache request; `problem` is set when it asks for a cache but cannot be matched."""
+
+    mode: Mode
+    manual_id: str = ""
+    strict: bool = False
+    images: tuple[str, ...] = ()
+    problem: str = ""
+
+    @property
+    def wants_cache(self) -> bool:
+        """True when the matcher should be asked."""
+        return self.mode is not Mode.OFF and not self.problem
+
+
+def parse_default_mode(text: str) -> Mode:
+    """The cluster-wide default for pods without an annotation: ``off`` or ``auto``."""
+    value = text.strip().lower()
+    if value == "off":
+        return Mode.OFF
+    if value == "auto":
+        return Mode.AUTO
+    raise ValueError(f"the default image-cache mode must be off or auto, not {text!r}")
+
+
+def pod_request(pod: PodInfo, *, default_mode: Mode) -> PodRequest:
+    """Read the pod's annotations and images into a request."""
+    annotation = USE_ANNOTATION if USE_ANNOTATION in pod.annotations else TKE_USE_ANNOTATION
+    raw = pod.annotations.get(annotation)
+    strict = pod.annotations.get(STRICT_ANNOTATION, "").strip().lower() in _TRUE_VALUES
+    manual_id = ""
+    if raw is None:
+        mode = default_mode
+    else:
+        value = raw.strip()
+        if value.lower() == "auto":
+            mode = Mode.AUTO
+        elif value.lower() in _OFF_VALUES or not value:
+            return PodRequest(Mode.OFF)
+        else:
+            try:
+                manual_id = parse_cache_name(value, field=annotation)
+            except InvalidArgument:
+                return PodRequest(
+                    Mode.AUTO,
+                    strict=strict,
+                    problem=f"annotation {annotation}={value[:80]!r} is neither auto nor an image cache "
+                    "id (imc-xxxxxxxx)",
+                )
+            mode = Mode.MANUAL
+    if mode is Mode.OFF:
+        return PodRequest(Mode.OFF)
+    images, problem = pod_images(pod)
+    return PodRequest(mode, manual_id=manual_id, strict=strict, images=images, problem=problem)
+
+
+def pod_images(pod: PodInfo) -> tuple[tuple[str, ...], str]:
+    """The pod's distinct normalized images (init containers first) and a problem, if any."""
+    seen: dict[str, None] = {}
+    for kind, containers in (("init container", pod.init_images), ("container", pod.images)):
+        for name, image in containers:
+            try:
+                seen.setdefault(str(parse_image_reference(image)), None)
+            except InvalidImageReference as exc:
+                return (), f"image of {kind} {name[:63]!r} is not valid: {exc}"
+    if not seen:
+        return (), "the pod has no container images"
+    if len(seen) > MAX_IMAGES:
+        return (), f"the pod has {len(seen)} distinct images; an image cache holds at most {MAX_IMAGES}"
+    return tuple(seen), ""

@@ -1,0 +1,108 @@
+"""The extender's wire types: ExtenderArgs decoding and the exact JSON of its answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from services.extender.api import decode_args, encode_filter_result, encode_host_priorities
+from snapcache.errors import InvalidArgument
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "extender"
+
+
+def fixture(name: str) -> dict[str, Any]:
+    return json.loads((FIXTURES / f"kube-scheduler-1.20-{name}.json").read_text())
+
+
+def test_decodes_the_real_schedulers_nodenames_request() -> None:
+    args = decode_args((FIXTURES / "kube-scheduler-1.20-filter-request-nodenames.json").read_bytes())
+    assert args.nodes is None and not args.full_nodes
+    assert args.node_names == ("n1b", "n2a", "n3a", "n1a", "n2b", "n3b")
+    assert args.pod.name == "p-strict" and args.pod.namespace == "default"
+    assert args.pod.uid == "765d48d6-215b-49b8-92e4-eb76e4bdd8f5"
+    assert args.pod.images == (("c0", "nginx:1.25"),)
+    assert args.pod.annotations["snapcache.io/image-cache-strict"] == "true"
+
+
+def test_decodes_the_real_schedulers_full_nodes_request() -> None:
+    args = decode_args((FIXTURES / "kube-scheduler-1.20-filter-request-nodes.json").read_bytes())
+    assert args.full_nodes and args.nodes is not None
+    assert args.node_names == ("n1a", "n2a", "n3a", "n1b", "n2b", "n3b")
+    assert [labels["topology.kubernetes.io/zone"] for labels in args.node_labels] == [
+        "z1",
+        "z2",
+        "z3",
+        "z1",
+        "z2",
+        "z3",
+    ]
+
+
+BAD = [
+    (b"{", "not valid JSON"),
+    (b"", "not valid JSON"),
+    (b"[]", "body: must be an object, not array"),
+    (b'"x"', "must be an object, not string"),
+    (b"{}", "Pod: is required"),
+    (b'{"Pod": null, "NodeNames": []}', "Pod: is required"),
+    (b'{"Pod": 3, "NodeNames": []}', "Pod: must be an object, not int"),
+    (b'{"Pod": {}, "NodeNames": []}', "Pod.metadata: must be an object, not null"),
+    (b'{"Pod": {"metadata": {"uid": 5}}, "NodeNames": []}', "Pod.metadata.uid: must be a string"),
+    (b'{"Pod": {"metadata": {"annotations": {"a": 1}}}, "NodeNames": []}', "Pod.metadata.annotations['a']"),
+    (b'{"Pod": {"metadata": {}, "spec": {"containers": {}}}, "NodeNames": []}', "must be an array"),
+    (
+        b'{"Pod": {"metadata": {}, "spec": {"containers": [{"image": 7}]}}, "NodeNames": []}',
+        "image: must be a string",
+    ),
+    (b'{"Pod": {"metadata": {}, "spec": {"initContainers": [1]}}, "NodeNames": []}', "initContainers[0]"),
+    (b'{"Pod": {"metadata": {}}, "NodeNames": "n1"}', "NodeNames: must be an array, not string"),
+    (b'{"Pod": {"metadata": {}}, "NodeNames": ["n1", 2]}', "NodeNames[1]: must be a string"),
+    (b'{"Pod": {"metadata": {}}}', "one of NodeNames"),
+    (b'{"Pod": {"metadata": {}}, "Nodes": []}', "Nodes: must be an object, not array"),
+    (b'{"Pod": {"metadata": {}}, "Nodes": {"items": {}}}', "Nodes.items: must be an array"),
+    (b'{"Pod": {"metadata": {}}, "Nodes": {"items": [{"metadata": {"name": 1}}]}}', "metadata.name"),
+    (
+        b'{"Pod": {"metadata": {}}, "Nodes": {"items": [{"metadata": {"labels": []}}]}}',
+        "labels: must be an object",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), BAD)
+def test_bad_requests_are_invalid_arguments_naming_the_field(body: bytes, message: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        decode_args(body)
+    assert message in str(caught.value)
+    assert caught.value.reason == "INVALID_EXTENDER_ARGS"
+
+
+def test_filter_result_in_nodenames_mode_has_exact_keys_and_every_passing_node() -> None:
+    args = decode_args(orjson.dumps({"Pod": {"metadata": {}}, "NodeNames": ["a", "b", "c"]}))
+    body = encode_filter_result(args, passing=[0, 2], failed={"b": "why"})
+    assert orjson.loads(body) == {
+        "Nodes": None,
+        "NodeNames": ["a", "c"],
+        "FailedNodes": {"b": "why"},
+        "FailedAndUnresolvableNodes": {"b": "why"},
+        "Error": "",
+    }
+
+
+def test_filter_result_in_full_nodes_mode_echoes_the_passing_node_objects() -> None:
+    request = fixture("filter-request-nodes")
+    args = decode_args(orjson.dumps(request))
+    answer = orjson.loads(encode_filter_result(args, passing=range(6), failed={}))
+    assert answer["NodeNames"] is None
+    assert answer["Nodes"]["items"] == request["Nodes"]["items"]
+    assert answer["FailedNodes"] == {} and answer["Error"] == ""
+
+
+def test_host_priorities_are_integers_under_capitalised_keys() -> None:
+    body = encode_host_priorities(["a", "b"], [10, 0])
+    assert body == b'[{"Host":"a","Score":10},{"Host":"b","Score":0}]'
+    assert encode_host_priorities([], []) == b"[]"
