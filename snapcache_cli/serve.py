@@ -3,8 +3,8 @@
 Each service is a `Component`: started in order, drained (health NOT_SERVING, so load
 balancers and kubelet probes stop sending work) and then stopped in reverse order. Today the
 cache registry comes first; the matcher follows it over the wire (as it does when they run as
-separate pods), so it is started with the registry's real address; the scheduler extender joins
-as a component of its own the same way.
+separate pods), so it is started with the registry's real address; the scheduler extender comes
+last and asks the matcher at its real address the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.cache_registry.server import RegistryApp, RegistryConfig, ZoneConfig
+from services.extender.server import ExtenderApp, ExtenderConfig
 from services.matcher.server import MatcherApp, MatcherConfig
 from snapcache_cli.client import CommandFailed
 
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_MATCHER_LISTEN = "127.0.0.1:50052"
+DEFAULT_EXTENDER_LISTEN = "127.0.0.1:50053"
+_EXTENDER_NODES_WAIT_SECONDS = 10.0
 _MATCHER_LOAD_WAIT_SECONDS = 30.0
 DEFAULT_ZONES = (ZoneConfig("local-a"), ZoneConfig("local-b"))
 _STOP_GRACE_SECONDS = 5.0
@@ -132,6 +135,53 @@ class MatcherComponent:
             self.app = None
 
 
+@dataclass
+class ExtenderComponent:
+    """The kube-scheduler extender (HTTP), asking the matcher at the address ``matcher`` gives."""
+
+    listen: str
+    matcher: Callable[[], str]
+    default_mode: str = "off"
+    kubeconfig: Path | None = None
+    in_cluster: bool = False
+    name: str = "scheduler extender"
+    app: ExtenderApp | None = None
+
+    def start(self) -> str:
+        """Start serving HTTP; with Kubernetes access, wait (bounded) for the node cache."""
+        config = ExtenderConfig(
+            matcher_target=self.matcher(),
+            listen=self.listen,
+            default_mode=self.default_mode,
+            kubeconfig=self.kubeconfig,
+            in_cluster=self.in_cluster,
+        )
+        self.app = ExtenderApp(config)
+        try:
+            self.app.start(wait_nodes_seconds=_EXTENDER_NODES_WAIT_SECONDS)
+        except BaseException:
+            self.stop()
+            raise
+        cache = self.app.node_cache
+        if cache is None:
+            nodes = "no Kubernetes access: NodeNames requests see nodes without zones"
+        else:
+            nodes = f"{cache.size()} nodes" if cache.synced() else "nodes still listing"
+        where = f"{self.listen.rpartition(':')[0]}:{self.app.port}"
+        return f"{self.name} on http://{where} (matcher {config.matcher_target}, {nodes})"
+
+    def drain(self) -> None:
+        """/healthz answers 503."""
+        if self.app is not None:
+            self.app.drain()
+
+    def stop(self) -> None:
+        """Stop serving HTTP, following nodes and writing events."""
+        if self.app is not None:
+            self.app.stop()
+            self.app = None
+
+
 def start_all(components: Sequence[Component]) -> list[str]:
     """Start components in order; on a failure stop those already started and re-raise."""
     started: list[Component] = []
@@ -228,7 +278,7 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
         "serve",
         parents=parents,
         help="run the services (embedded default: SQLite, local disks)",
-        description="Run the cache registry and the matcher until SIGTERM or SIGINT.",
+        description="Run the cache registry, the matcher and the scheduler extender until SIGTERM or SIGINT.",
     )
     serve.add_argument(
         "--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT", help="gRPC address (default %(default)s)"
@@ -277,11 +327,29 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
         help="the matcher's gRPC address (default %(default)s); 'off' runs no matcher",
     )
     serve.add_argument(
+        "--extender-listen",
+        default=DEFAULT_EXTENDER_LISTEN,
+        metavar="HOST:PORT",
+        help="the scheduler extender's HTTP address (default %(default)s); 'off' runs no extender",
+    )
+    serve.add_argument(
+        "--extender-default",
+        choices=("off", "auto"),
+        default="off",
+        help="image caches for pods without a use-image-cache annotation (default %(default)s)",
+    )
+    serve.add_argument(
+        "--matcher",
+        default=DEFAULT_MATCHER_LISTEN,
+        metavar="ADDRESS",
+        help="the matcher the extender asks with --only extender (default %(default)s)",
+    )
+    serve.add_argument(
         "--only",
-        choices=("registry", "matcher"),
+        choices=("registry", "matcher", "extender"),
         default="",
-        help="run one service: the registry, or the matcher following the registry at --registry "
-        "(as separate pods do); default: both",
+        help="run one service: the registry, the matcher following the registry at --registry, or "
+        "the extender asking the matcher at --matcher (as separate pods do); default: all",
     )
     serve.add_argument(
         "--metrics-listen",
@@ -309,13 +377,37 @@ def registry_config(args: argparse.Namespace) -> RegistryConfig:
     )
 
 
+def extender_component(args: argparse.Namespace, matcher_address: Callable[[], str]) -> ExtenderComponent:
+    """The extender from ``serve`` options; Kubernetes access from --kubeconfig / --in-cluster."""
+    kubeconfig = args.kubeconfig
+    if kubeconfig is None and not args.in_cluster and os.environ.get("SNAPCACHE_KUBECONFIG"):
+        kubeconfig = Path(os.environ["SNAPCACHE_KUBECONFIG"])
+    in_cluster = args.in_cluster or (
+        kubeconfig is None
+        and os.environ.get("SNAPCACHE_KUBE_IN_CLUSTER", "").strip().lower() in ("1", "true", "yes")
+    )
+    if args.extender_listen == "off":
+        raise CommandFailed("--only extender needs an --extender-listen address, not 'off'", exit_code=2)
+    return ExtenderComponent(
+        listen=args.extender_listen,
+        matcher=matcher_address,
+        default_mode=args.extender_default,
+        kubeconfig=kubeconfig.expanduser().resolve() if kubeconfig is not None else None,
+        in_cluster=in_cluster,
+    )
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Start every component, say where they listen, serve until a signal, shut down cleanly."""
     components: list[Component] = []
     registry: RegistryComponent | None = None
+    matcher: MatcherComponent | None = None
 
     def registry_address() -> str:
         return registry.address if registry is not None else str(args.registry)
+
+    def matcher_address() -> str:
+        return matcher.address if matcher is not None else str(args.matcher)
 
     if args.only in ("", "registry"):
         config = registry_config(args)
@@ -326,13 +418,14 @@ def run_serve(args: argparse.Namespace) -> int:
         registry = RegistryComponent(config)
         components.append(registry)
     if args.only == "matcher" or (not args.only and args.matcher_listen != "off"):
-        components.append(
-            MatcherComponent(
-                listen=args.matcher_listen,
-                registry=registry_address,
-                metrics_listen=args.metrics_listen,
-            )
+        matcher = MatcherComponent(
+            listen=args.matcher_listen,
+            registry=registry_address,
+            metrics_listen=args.metrics_listen,
         )
+        components.append(matcher)
+    if args.only == "extender" or (not args.only and matcher is not None and args.extender_listen != "off"):
+        components.append(extender_component(args, matcher_address))
     where = start_or_explain(components)
     print("snapcache serving: " + "; ".join(where), flush=True)
     try:

@@ -207,7 +207,7 @@ class ExtenderHTTPServer(ThreadingHTTPServer):
 def serve_in_thread(server: ExtenderHTTPServer) -> threading.Thread:
     """Run ``server`` in a daemon thread."""
     thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="extender-http", daemon=True
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="extender-http", daemon=True
     )
     thread.start()
     return thread

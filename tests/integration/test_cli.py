@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -418,7 +419,8 @@ def test_serve_listens_logs_json_and_stops_on_sigterm(
 ) -> None:
     process = subprocess.Popen(
         [*CLI, "--log-format", "json", "serve", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path),
-         "--zone", "zone-1", "--zone", "zone-2=3", "--matcher-listen", "127.0.0.1:0"],
+         "--zone", "zone-1", "--zone", "zone-2=3", "--matcher-listen", "127.0.0.1:0",
+         "--extender-listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -436,6 +438,8 @@ def test_serve_listens_logs_json_and_stops_on_sigterm(
         assert "known zones: zone-1, zone-2" in capsys.readouterr().err
 
         matcher = line.split("matcher on ", 1)[1].split()[0]
+        extender = line.split("scheduler extender on ", 1)[1].split()[0]
+        assert httpx.get(f"{extender}/healthz", timeout=5).text == "ok"
         assert main(["match", "--matcher", matcher, "nginx:1.25", "--zone", "zone-1"]) == 0
         out = capsys.readouterr().out
         assert "Decision:  NO_MATCH -> PULL_IMAGES" in out and "docker.io/library/nginx:1.25" in out

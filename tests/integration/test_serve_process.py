@@ -57,6 +57,8 @@ def serve(
         "zone-a",
         "--matcher-listen",
         f"127.0.0.1:{matcher_port or free_port()}",
+        "--extender-listen",
+        "off",
     ]
     if database_url:
         command += ["--database-url", database_url]
