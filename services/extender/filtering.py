@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from services.extender.matches import MatchAnswer
 from services.extender.pods import PodRequest
+from services.extender.zones import ZONE_LABEL
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,17 +33,23 @@ def filter_nodes(
         return FilterOutcome(passing=list(range(len(names))))
     usable = answer.usable_zones()
     wanted = request.manual_id or "a matching image cache"
+    # One reason for every node it applies to: the scheduler counts identical reasons
+    # ("0/3 nodes are available: 3 <reason>") instead of repeating each.
     if usable:
-        where = f"{wanted} can be used in zone(s) {', '.join(sorted(usable))}"
+        elsewhere = (
+            f"strict image-cache pod: {wanted} can be provisioned only in zone(s) {', '.join(sorted(usable))}"
+        )
     else:
-        where = f"{wanted} cannot be used in any zone: {answer.message or answer.decision}"
+        elsewhere = (
+            f"strict image-cache pod: {wanted} cannot be provisioned in any zone "
+            f"({answer.message or answer.decision})"
+        )
+    zoneless = f"strict image-cache pod: node has no {ZONE_LABEL} label (or is unknown to the extender)"
     passing: list[int] = []
     failed: dict[str, str] = {}
     for position, (name, zone) in enumerate(zip(names, zones, strict=True)):
         if zone is not None and zone in usable:
             passing.append(position)
-        elif zone is None:
-            failed[name] = f"strict image-cache pod: node has no zone label (or is unknown); {where}"
         else:
-            failed[name] = f"strict image-cache pod: not usable in zone {zone}; {where}"
+            failed[name] = elsewhere if zone is not None else zoneless
     return FilterOutcome(passing=passing, failed=failed)

@@ -139,9 +139,9 @@ def test_filter_nodenames_strict_exact_json(running: Running) -> None:
     assert body["NodeNames"] == ["n2a", "n2b"]
     assert set(body["FailedNodes"]) == {"n1a", "n1b", "n3a", "n3b"}
     assert body["FailedAndUnresolvableNodes"] == body["FailedNodes"]
-    assert (
-        "not usable in zone z1" in body["FailedNodes"]["n1a"] and "zone(s) z2" in body["FailedNodes"]["n1a"]
-    )
+    assert set(body["FailedNodes"].values()) == {
+        "strict image-cache pod: a matching image cache can be provisioned only in zone(s) z2"
+    }
     [asked] = running.matcher.requests
     assert list(asked.images) == ["docker.io/library/nginx:1.25"]
     assert asked.strict and sorted(asked.zones) == ["z1", "z2", "z3"] and not asked.validate_only
@@ -204,7 +204,10 @@ def test_unknown_node_names_pass_with_score_zero(running: Running) -> None:
     assert running.post("filter", request).json()["NodeNames"] == ["n1a", "ghost-1", "ghost-2"]
     strict = with_annotations(request, STRICT_AUTO, uid="strict-ghosts")
     body = running.post("filter", strict).json()
-    assert body["NodeNames"] == ["n1a"] and "no zone label (or is unknown)" in body["FailedNodes"]["ghost-1"]
+    assert (
+        body["NodeNames"] == ["n1a"]
+        and "label (or is unknown to the extender)" in body["FailedNodes"]["ghost-1"]
+    )
 
 
 def test_matcher_slow_or_down_fails_open_within_the_budget(running: Running) -> None:

@@ -195,13 +195,23 @@ STRICT = PodRequest(Mode.AUTO, strict=True, images=(NGINX,))
     ("request_", "the_answer", "passing", "failed"),
     [
         (PodRequest(Mode.AUTO, images=(NGINX,)), answer(cand(1, {"a"})), [0, 1, 2], {}),
-        (STRICT, answer(cand(1, {"a"})), [0], {"n-b": "not usable in zone b", "n-none": "no zone label"}),
-        (STRICT, answer(cand(1, {"a"}), cand(2, {"b"})), [0, 1], {"n-none": "no zone label"}),
+        (
+            STRICT,
+            answer(cand(1, {"a"})),
+            [0],
+            {"n-b": "can be provisioned only in zone(s) a", "n-none": "no topology.kubernetes.io/zone label"},
+        ),
+        (
+            STRICT,
+            answer(cand(1, {"a"}), cand(2, {"b"})),
+            [0, 1],
+            {"n-none": "no topology.kubernetes.io/zone label"},
+        ),
         (
             STRICT,
             answer(decision=matches.NO_MATCH, action=matches.REJECT),
             [],
-            {"n-a": "cannot be used in any zone: said the matcher"},
+            {"n-a": "cannot be provisioned in any zone (said the matcher)"},
         ),
         (STRICT, MatchAnswer.unknown("down"), [0, 1, 2], {}),  # fail open
     ],
