@@ -18,8 +18,9 @@ import bisect
 import enum
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Protocol
 
 from snapcache.images import ImageReference, parse_image_reference
 
@@ -39,7 +40,7 @@ class CacheState(enum.Enum):
 
 @dataclass(frozen=True, slots=True, weakref_slot=True)  # weak: the pool forgets unused images
 class HeldImage:
-    """An image as a cache's last build recorded it."""
+    """An image as a cache's last build recorded it (pooled: one object per distinct image)."""
 
     normalized: str  # as recorded: `docker.io/library/nginx:1.25` (or `name@digest`)
     name: str  # `docker.io/library/nginx`
@@ -48,44 +49,83 @@ class HeldImage:
     index_digest: str
     compressed_bytes: int
     uncompressed_bytes: int
-
-    def match_keys(self) -> tuple[str, ...]:
-        """Every match key this image answers to."""
-        found = []
-        if self.tag:
-            found.append(f"{self.name}:{self.tag}")
-        for digest in (self.manifest_digest, self.index_digest):
-            if digest:
-                found.append(f"{self.name}@{digest}")
-        return tuple(dict.fromkeys(found))
+    keys: tuple[str, ...]  # every match key it answers to: name:tag, name@digest (each digest)
 
 
-@dataclass(frozen=True, slots=True, eq=False)  # hashed by identity: postings are sets
+def match_keys(name: str, tag: str, *digests: str) -> tuple[str, ...]:
+    """The match keys of an image: by tag if it has one, and by each digest."""
+    found = [f"{name}:{tag}"] if tag else []
+    found += [f"{name}@{digest}" for digest in digests if digest]
+    return tuple(dict.fromkeys(found))
+
+
 class CacheEntry:
-    """What the matcher knows of one cache."""
+    """What the matcher knows of one version of a cache. Read-only by convention.
 
-    name: str  # `imageCaches/imc-...`
-    display_name: str
-    state: CacheState
-    cache_size_gib: int
-    create_time_ns: int
-    expire_time_ns: int  # 0: never expires
-    revision: int  # registry revision of this version
-    images: tuple[HeldImage, ...]
-    available_zones: tuple[str, ...]  # sorted
-    hydrating_zones: tuple[str, ...]  # sorted
-    # match key -> the held image answering to it; built once per version
-    by_key: dict[str, HeldImage] = field(init=False, repr=False, compare=False)
-    # TKE's order: smaller cache first, then newer, then name (for a total order)
-    exact_order: tuple[int, int, str] = field(init=False, repr=False, compare=False)
+    A plain slotted class rather than a dataclass: 100,000 of them are built at every full load,
+    and each is hashed by identity (postings are sets of entries).
+    """
 
-    def __post_init__(self) -> None:
-        by_key: dict[str, HeldImage] = {}
+    __slots__ = (
+        "available_zones",
+        "cache_size_gib",
+        "create_time_ns",
+        "display_name",
+        "expire_time_ns",
+        "hydrating_zones",
+        "images",
+        "name",
+        "revision",
+        "state",
+    )
+
+    def __init__(
+        self,
+        *,
+        name: str,  # `imageCaches/imc-...`
+        display_name: str,
+        state: CacheState,
+        cache_size_gib: int,
+        create_time_ns: int,
+        expire_time_ns: int,  # 0: never expires
+        revision: int,  # registry revision of this version
+        images: tuple[HeldImage, ...],
+        available_zones: tuple[str, ...],  # sorted
+        hydrating_zones: tuple[str, ...],  # sorted
+    ) -> None:
+        self.name = name
+        self.display_name = display_name
+        self.state = state
+        self.cache_size_gib = cache_size_gib
+        self.create_time_ns = create_time_ns
+        self.expire_time_ns = expire_time_ns
+        self.revision = revision
+        self.images = images
+        self.available_zones = available_zones
+        self.hydrating_zones = hydrating_zones
+
+    def __repr__(self) -> str:
+        return f"CacheEntry({self.name!r}, {self.state.name}, revision={self.revision})"
+
+    @property
+    def exact_order(self) -> tuple[int, int, str]:
+        """TKE's order: smaller cache first, then newer, then name (for a total order)."""
+        return (self.cache_size_gib, -self.create_time_ns, self.name)
+
+    def held(self, key: str) -> HeldImage | None:
+        """The first image of this cache answering to match key ``key``, if any."""
         for image in self.images:
-            for key in image.match_keys():
-                by_key.setdefault(key, image)
-        object.__setattr__(self, "by_key", by_key)
-        object.__setattr__(self, "exact_order", (self.cache_size_gib, -self.create_time_ns, self.name))
+            if key in image.keys:
+                return image
+        return None
+
+    def filed_keys(self) -> dict[str, HeldImage]:
+        """Each match key of the cache with the first image answering to it."""
+        found: dict[str, HeldImage] = {}
+        for image in self.images:
+            for key in image.keys:
+                found.setdefault(key, image)
+        return found
 
     def expired(self, now_ns: int) -> bool:
         """True once the expire time has passed (even before the registry marks it EXPIRED)."""
@@ -93,7 +133,7 @@ class CacheEntry:
 
 
 def _exact_order(entry: CacheEntry) -> tuple[int, int, str]:
-    return entry.exact_order
+    return (entry.cache_size_gib, -entry.create_time_ns, entry.name)
 
 
 class Posting(set["CacheEntry"]):
@@ -136,6 +176,21 @@ def _parse_recorded(normalized: str) -> ImageReference:
     return parse_image_reference(normalized)
 
 
+class RecordedImage(Protocol):
+    """What a build recorded of an image (the API's CachedImage has these fields)."""
+
+    @property
+    def normalized_image(self) -> str: ...
+    @property
+    def manifest_digest(self) -> str: ...
+    @property
+    def index_digest(self) -> str: ...
+    @property
+    def compressed_bytes(self) -> int: ...
+    @property
+    def uncompressed_bytes(self) -> int: ...
+
+
 class ImagePool:
     """Interns held images, so caches sharing an image share one object and its strings.
 
@@ -144,9 +199,10 @@ class ImagePool:
     """
 
     def __init__(self) -> None:
-        self._images: weakref.WeakValueDictionary[tuple[str, str, str, int, int], HeldImage] = (
+        self._images: weakref.WeakValueDictionary[tuple[str, str, str], HeldImage] = (
             weakref.WeakValueDictionary()
         )
+        self._zone_sets: dict[tuple[str, ...], tuple[str, ...]] = {}  # a handful: zones are few
 
     def held_image(
         self,
@@ -157,22 +213,46 @@ class ImagePool:
         compressed_bytes: int,
         uncompressed_bytes: int,
     ) -> HeldImage:
-        """The pooled image with these facts; parses ``normalized`` with the shared grammar."""
-        key = (normalized, manifest_digest, index_digest, compressed_bytes, uncompressed_bytes)
+        """The pooled image with these facts; parses ``normalized`` with the shared grammar.
+
+        Keyed by reference and digests: the sizes are facts of the manifest, so the first
+        report of them stands.
+        """
+        key = (normalized, manifest_digest, index_digest)
         found = self._images.get(key)
         if found is None:
-            ref = _parse_recorded(normalized)
-            found = HeldImage(
-                normalized=str(ref),
-                name=ref.name,
-                tag=ref.tag,
-                manifest_digest=manifest_digest or ref.digest,
-                index_digest=index_digest,
-                compressed_bytes=compressed_bytes,
-                uncompressed_bytes=uncompressed_bytes,
-            )
-            self._images[key] = found
+            found = self._new(key, compressed_bytes, uncompressed_bytes)
         return found
+
+    def recorded(self, image: RecordedImage) -> HeldImage:
+        """The pooled image for a build record (anything with the API's CachedImage fields)."""
+        key = (image.normalized_image, image.manifest_digest, image.index_digest)
+        found = self._images.get(key)
+        if found is None:
+            found = self._new(key, image.compressed_bytes, image.uncompressed_bytes)
+        return found
+
+    def _new(self, key: tuple[str, str, str], compressed_bytes: int, uncompressed_bytes: int) -> HeldImage:
+        normalized, manifest_digest, index_digest = key
+        ref = _parse_recorded(normalized)
+        manifest = manifest_digest or ref.digest
+        found = HeldImage(
+            normalized=str(ref),
+            name=ref.name,
+            tag=ref.tag,
+            manifest_digest=manifest,
+            index_digest=index_digest,
+            compressed_bytes=compressed_bytes,
+            uncompressed_bytes=uncompressed_bytes,
+            keys=match_keys(ref.name, ref.tag, manifest, index_digest),
+        )
+        self._images[key] = found
+        return found
+
+    def zones(self, names: list[str]) -> tuple[str, ...]:
+        """The sorted tuple of ``names``, shared by every cache in the same zones."""
+        key = tuple(sorted(names))
+        return self._zone_sets.setdefault(key, key)
 
     def __len__(self) -> int:
         return len(self._images)
@@ -232,7 +312,7 @@ class CacheIndex:
     def _file(self, entry: CacheEntry) -> None:
         if entry.state is CacheState.READY:
             self.ready_count += 1
-        for key, image in entry.by_key.items():
+        for key, image in entry.filed_keys().items():
             posting = self._postings.get(key)
             if posting is None:
                 posting = self._postings[key] = Posting()
@@ -241,7 +321,7 @@ class CacheIndex:
     def _unfile(self, entry: CacheEntry) -> None:
         if entry.state is CacheState.READY:
             self.ready_count -= 1
-        for key in entry.by_key:
+        for key in entry.filed_keys():
             posting = self._postings.get(key)
             if posting is None:
                 continue
@@ -250,32 +330,68 @@ class CacheIndex:
                 del self._postings[key]
 
 
-def build_index(entries: Iterable[CacheEntry], *, revision: int, pool: ImagePool) -> CacheIndex:
-    """A fresh index of ``entries`` as of ``revision`` (a full load or a resync).
+class IndexBuilder:
+    """Builds a fresh index from a full load, entry by entry as pages arrive.
 
-    Filed in bulk and each posting sorted once: inserting 100,000 caches one by one would move
-    each common image's ordered list once per cache.
+    Entries go into the postings' sets at once (so the work overlaps with fetching the next
+    page); the TKE-ordered lists are filled at the end from one sort of all entries, which is
+    cheaper than keeping 20,000 lists sorted along the way.
     """
-    index = CacheIndex(pool)
+
+    def __init__(self, pool: ImagePool) -> None:
+        self._pool = pool
+        self._latest: dict[str, CacheEntry] = {}
+        self._postings: dict[str, Posting] = {}
+        self._replaced = False
+
+    def add(self, entry: CacheEntry) -> None:
+        """File one cache (a name seen twice keeps its newest version)."""
+        old = self._latest.get(entry.name)
+        if old is not None:
+            self._replaced = True  # rare (a cache changed while listed): refiled in finish()
+            if old.revision > entry.revision:
+                return
+        self._latest[entry.name] = entry
+        if old is not None:
+            return
+        postings = self._postings
+        for image in entry.images:
+            size = image.compressed_bytes
+            for key in image.keys:
+                posting = postings.get(key)
+                if posting is None:
+                    posting = postings[key] = Posting()
+                posting.add(entry)
+                posting.max_bytes = max(posting.max_bytes, size)
+
+    def finish(self, *, revision: int) -> CacheIndex:
+        """The index of everything added, as of ``revision``."""
+        if self._replaced:  # refile from the final versions
+            survivors = list(self._latest.values())
+            self._latest, self._postings, self._replaced = {}, {}, False
+            for entry in survivors:
+                self.add(entry)
+        index = CacheIndex(self._pool)
+        index._entries = self._latest
+        ready = 0
+        for entry in sorted(self._latest.values(), key=_exact_order):
+            if entry.state is CacheState.READY:
+                ready += 1
+            for image in entry.images:
+                for key in image.keys:
+                    ordered = self._postings[key].ordered
+                    if not ordered or ordered[-1] is not entry:  # two images, one key: once
+                        ordered.append(entry)
+        index.ready_count = ready
+        index.revision = max((entry.revision for entry in self._latest.values()), default=0)
+        index._postings = self._postings
+        index.advance(revision)
+        return index
+
+
+def build_index(entries: Iterable[CacheEntry], *, revision: int, pool: ImagePool) -> CacheIndex:
+    """A fresh index of ``entries`` as of ``revision`` (a full load or a resync)."""
+    builder = IndexBuilder(pool)
     for entry in entries:
-        old = index._entries.get(entry.name)
-        if old is not None and old.revision > entry.revision:
-            continue
-        index._entries[entry.name] = entry
-    postings: dict[str, Posting] = {}
-    for entry in index._entries.values():
-        if entry.state is CacheState.READY:
-            index.ready_count += 1
-        for key, image in entry.by_key.items():
-            posting = postings.get(key)
-            if posting is None:
-                posting = postings[key] = Posting()
-            posting.add(entry)
-            posting.ordered.append(entry)
-            posting.max_bytes = max(posting.max_bytes, image.compressed_bytes)
-        index.revision = max(index.revision, entry.revision)
-    for posting in postings.values():
-        posting.ordered.sort(key=_exact_order)
-    index._postings = postings
-    index.advance(revision)
-    return index
+        builder.add(entry)
+    return builder.finish(revision=revision)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from services.matcher.index import CacheEntry, CacheIndex, ImagePool, build_index
+from services.matcher.index import CacheIndex, ImagePool, IndexBuilder
 from services.matcher.messages import entry_from_cache
 from snapcache.errors import Unavailable
 from snapcache.v1 import cache_registry_pb2 as api
@@ -213,8 +213,9 @@ class IndexSync:
     def load_once(self) -> None:
         """List every cache into a fresh index and swap it in (what start-up and a resync do).
 
-        Pages are fetched by a helper thread while this one converts the previous page, so the
-        registry's work and the matcher's overlap instead of adding up.
+        Pages are fetched by a helper thread while this one converts and files the previous page,
+        so the registry's work and the matcher's overlap instead of adding up; only the final
+        ordering of the postings waits for the last page.
         """
         started = time.perf_counter()
         pages: queue.Queue[_Page] = queue.Queue(maxsize=4)
@@ -238,7 +239,7 @@ class IndexSync:
 
         fetcher = threading.Thread(target=fetch, name="matcher-index-fetch", daemon=True)
         fetcher.start()
-        entries: list[CacheEntry] = []
+        builder = IndexBuilder(self._pool)
         first_revision: int | None = None
         try:
             while True:
@@ -249,13 +250,14 @@ class IndexSync:
                     raise item
                 if first_revision is None:
                     first_revision = item.revision
-                entries.extend(entry_from_cache(cache, self._pool) for cache in item.image_caches)
+                for cache in item.image_caches:
+                    builder.add(entry_from_cache(cache, self._pool))
                 if self._stopping.is_set():
                     return  # stopping: keep the index as it was rather than swap in half of one
         finally:
             abandon.set()
             fetcher.join(timeout=self._settings.rpc_timeout_seconds)
-        fresh = build_index(entries, revision=first_revision or 0, pool=self._pool)
+        fresh = builder.finish(revision=first_revision or 0)
         with self._lock:
             self._index = fresh
             self._resume_revision = first_revision or 0

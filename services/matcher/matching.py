@@ -129,12 +129,11 @@ class MatchOutcome:
 
 def coverage_of(entry: CacheEntry, images: tuple[PodImage, ...]) -> Coverage:
     """Which of ``images`` ``entry`` holds."""
-    by_key = entry.by_key
     covered: list[tuple[PodImage, HeldImage]] = []
     missing: list[PodImage] = []
     total = 0
     for image in images:
-        held = by_key.get(image.key)
+        held = entry.held(image.key)
         if held is None:
             missing.append(image)
         else:
@@ -332,7 +331,7 @@ def _walk(
 
 
 def _exact_order(entry: CacheEntry) -> tuple[int, int, str]:
-    return entry.exact_order
+    return (entry.cache_size_gib, -entry.create_time_ns, entry.name)
 
 
 def _explain_more(
@@ -372,12 +371,11 @@ def _explain_more(
 
 def _count(entry: CacheEntry, request: MatchRequest) -> tuple[int, int]:
     """How many of the pod's images ``entry`` holds, and their bytes (only BYTES_COVERED needs them)."""
-    by_key = entry.by_key
     if request.policy is not Policy.BYTES_COVERED:
-        return sum(1 for image in request.images if image.key in by_key), 0
+        return sum(1 for image in request.images if entry.held(image.key) is not None), 0
     count = total = 0
     for image in request.images:
-        held = by_key.get(image.key)
+        held = entry.held(image.key)
         if held is not None:
             count += 1
             total += held.compressed_bytes

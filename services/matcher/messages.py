@@ -17,6 +17,7 @@ from snapcache.v1 import matcher_pb2 as mpb
 
 _AVAILABLE = pb.ZoneAvailability.AVAILABLE
 _HYDRATING = pb.ZoneAvailability.HYDRATING
+_STATES = {state.value: state for state in CacheState}
 _DIGEST = mpb.CoveredImage.DIGEST
 _TAG = mpb.CoveredImage.TAG
 
@@ -25,32 +26,32 @@ def entry_from_cache(cache: pb.ImageCache, pool: ImagePool) -> CacheEntry:
     """The index entry of one version of a cache as the registry sent it."""
     images: tuple[HeldImage, ...]
     if cache.cached_images:
-        images = tuple(
-            pool.held_image(
-                normalized=image.normalized_image,
-                manifest_digest=image.manifest_digest,
-                index_digest=image.index_digest,
-                compressed_bytes=image.compressed_bytes,
-                uncompressed_bytes=image.uncompressed_bytes,
-            )
-            for image in cache.cached_images
-        )
+        recorded = pool.recorded
+        images = tuple([recorded(image) for image in cache.cached_images])
     else:
         # Not built yet: file it under the images it was asked for, so an answer can say
         # "that cache is CREATING" instead of not mentioning it.
         images = tuple(_requested(cache.images, pool))
-    zones = cache.zone_availability
+    available: list[str] = []
+    hydrating: list[str] = []
+    for zone in cache.zone_availability:
+        if zone.state == _AVAILABLE:
+            available.append(zone.zone)
+        elif zone.state == _HYDRATING:
+            hydrating.append(zone.zone)
+    created = cache.create_time
+    expires = cache.expire_time
     return CacheEntry(
         name=cache.name,
         display_name=cache.display_name,
-        state=_state(cache.state),
+        state=_STATES.get(cache.state, CacheState.UNSPECIFIED),
         cache_size_gib=cache.cache_size_gib,
-        create_time_ns=cache.create_time.ToNanoseconds(),
-        expire_time_ns=cache.expire_time.ToNanoseconds() if cache.HasField("expire_time") else 0,
+        create_time_ns=created.seconds * 1_000_000_000 + created.nanos,
+        expire_time_ns=expires.seconds * 1_000_000_000 + expires.nanos,  # unset reads as 0
         revision=cache.revision,
         images=images,
-        available_zones=tuple(sorted(z.zone for z in zones if z.state == _AVAILABLE)),
-        hydrating_zones=tuple(sorted(z.zone for z in zones if z.state == _HYDRATING)),
+        available_zones=pool.zones(available),
+        hydrating_zones=pool.zones(hydrating),
     )
 
 
@@ -70,13 +71,6 @@ def _requested(texts: Iterable[str], pool: ImagePool) -> list[HeldImage]:
         except InvalidImageReference:
             continue  # the registry validated it; a newer grammar is no reason to drop the cache
     return found
-
-
-def _state(value: int) -> CacheState:
-    try:
-        return CacheState(value)
-    except ValueError:
-        return CacheState.UNSPECIFIED
 
 
 def match_response(
