@@ -128,9 +128,11 @@ def decode_args(body: bytes) -> ExtenderArgs:
     if names is not None:
         if not isinstance(names, list):
             raise _bad("NodeNames", f"must be an array, not {_type(names)}")
-        for position, name in enumerate(names):
-            if not isinstance(name, str):
-                raise _bad(f"NodeNames[{position}]", f"must be a string, not {_type(name)}")
+        try:
+            "".join(names)  # C speed for 5,000 names; a non-string raises
+        except TypeError:
+            position, name = next((i, n) for i, n in enumerate(names) if not isinstance(n, str))
+            raise _bad(f"NodeNames[{position}]", f"must be a string, not {_type(name)}") from None
         return ExtenderArgs(pod=pod, node_names=tuple(names))
     if nodes is None:
         raise _bad("NodeNames", "one of NodeNames (nodeCacheCapable) or Nodes is required")
@@ -148,6 +150,35 @@ def decode_args(body: bytes) -> ExtenderArgs:
         node_names.append(_string(metadata.get("name"), f"Nodes.items[{position}].metadata.name"))
         labels.append(_string_map(metadata.get("labels"), f"Nodes.items[{position}].metadata.labels"))
     return ExtenderArgs(pod=pod, node_names=tuple(node_names), nodes=tuple(items), node_labels=tuple(labels))
+
+
+# How kube-scheduler's encoding/json writes a NodeNames request: struct fields in declaration
+# order, no spaces. Inside a JSON string a quote is always escaped, so this byte sequence can only
+# be the top-level keys, and it is the last of its kind: only node-name strings follow it.
+_NODE_NAMES_TAIL: Final = b',"Nodes":null,"NodeNames":['
+_POD_HEAD: Final = b'{"Pod":'
+
+
+def peek_pod(body: bytes) -> PodInfo | None:
+    """The pod of a NodeNames request without decoding its (thousands of) node names.
+
+    None when the body does not have the exact shape the scheduler writes, or the pod is not
+    valid; the caller then decodes the whole request with `decode_args`, which says what is wrong.
+    Lets a pod that uses no cache be answered in a few microseconds whatever the cluster's size.
+    The node names are not read: for such a pod nothing in them could change the answer (`[]`),
+    so a damaged list after a valid pod gets that same answer instead of a 400.
+    """
+    if body[-1:].isspace():
+        body = body.rstrip()
+    if not body.startswith(_POD_HEAD) or not body.endswith(b"]}"):
+        return None
+    cut = body.rfind(_NODE_NAMES_TAIL)
+    if cut < 0:
+        return None
+    try:
+        return decode_pod(orjson.loads(body[len(_POD_HEAD) : cut]))
+    except (orjson.JSONDecodeError, InvalidArgument):
+        return None
 
 
 def encode_filter_result(
@@ -173,8 +204,30 @@ def encode_filter_result(
     return orjson.dumps(result)
 
 
+# Characters of node names (DNS subdomains) that need no JSON escaping.
+_PLAIN_NAME_CHARS: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:"
+# A dict, not a tuple: a score outside 0-10 is a KeyError rather than a negative index.
+_SCORE_JOINS: Final = {score: f'","Score":{score}}},{{"Host":"' for score in range(MIN_SCORE, MAX_SCORE + 1)}
+
+
 def encode_host_priorities(hosts: Sequence[str], scores: Sequence[int]) -> bytes:
-    """HostPriorityList: `[{"Host": name, "Score": int}]`; a float would void the whole answer."""
-    return orjson.dumps(
-        [{"Host": host, "Score": int(score)} for host, score in zip(hosts, scores, strict=True)]
-    )
+    """HostPriorityList: `[{"Host": name, "Score": int}]`; a float would void the whole answer.
+
+    An empty list is a valid answer: the scheduler adds the scores of the hosts listed, so every
+    node not listed gets 0 from the extender. Scores outside 0-10 are refused (`ValueError`).
+    """
+    if len(hosts) != len(scores):
+        raise ValueError("one score per host")
+    if not hosts:
+        return b"[]"
+    # 5,000 dicts through orjson cost ~1 ms; the same text joined from plain names, a quarter.
+    if "".join(hosts).encode().translate(None, _PLAIN_NAME_CHARS):  # a name that needs escaping
+        return orjson.dumps([{"Host": h, "Score": int(s)} for h, s in zip(hosts, scores, strict=True)])
+    parts: list[str] = [""] * (2 * len(hosts))
+    parts[::2] = hosts
+    try:
+        parts[1::2] = map(_SCORE_JOINS.__getitem__, scores)
+    except KeyError:
+        raise ValueError(f"scores must be integers {MIN_SCORE} to {MAX_SCORE}") from None
+    text = '[{"Host":"' + "".join(parts)
+    return (text[: -len(',{"Host":"')] + "]").encode()

@@ -21,7 +21,13 @@ from typing import Final
 
 import orjson
 
-from services.extender.api import ExtenderArgs, decode_args, encode_filter_result, encode_host_priorities
+from services.extender.api import (
+    ExtenderArgs,
+    decode_args,
+    encode_filter_result,
+    encode_host_priorities,
+    peek_pod,
+)
 from services.extender.metrics import ExtenderMetrics
 from services.extender.scheduling import Scheduling
 from snapcache.errors import InvalidArgument, SnapcacheError
@@ -79,6 +85,11 @@ class ExtenderRoutes:
             verb = "prioritize"
         else:
             return 404, _JSON, _error_body(404, f"no such verb: POST {path[:100]}")
+        if verb == "prioritize":
+            pod = peek_pod(body)
+            if pod is not None and not self.scheduling.wants_cache(pod):
+                self.metrics.request(verb, 200)
+                return 200, _JSON, b"[]"  # every node 0, without decoding thousands of names
         try:
             args = decode_args(body)
         except SnapcacheError as exc:
@@ -113,7 +124,8 @@ class ExtenderRoutes:
         return encode_filter_result(args, passing=outcome.passing, failed=outcome.failed)
 
     def _prioritize(self, args: ExtenderArgs) -> bytes:
-        return encode_host_priorities(args.node_names, self.scheduling.prioritize(args))
+        scores = self.scheduling.prioritize(args)
+        return encode_host_priorities(args.node_names if scores else (), scores)
 
 
 class _Handler(BaseHTTPRequestHandler):

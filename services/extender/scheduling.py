@@ -57,8 +57,7 @@ class Scheduling:
         """Each node's zone: from the request's Node objects, else from the node cache."""
         if args.nodes is not None:
             return [zone_of(labels) for labels in args.node_labels]
-        lookup = self.zone_lookup
-        return [lookup(name) for name in args.node_names]
+        return list(map(self.zone_lookup, args.node_names))
 
     def filter(self, args: ExtenderArgs) -> FilterOutcome:
         """Every node passes, except nodes a strict pod cannot use (see `filtering`)."""
@@ -70,11 +69,19 @@ class Scheduling:
         answer = self._answer(args.pod, request, zones, reuse=False)
         return filter_nodes(request, answer, args.node_names, zones)
 
+    def wants_cache(self, pod: PodInfo) -> bool:
+        """True when the pod asks for an image cache (and can be matched)."""
+        return pod_request(pod, default_mode=self.default_mode).wants_cache
+
     def prioritize(self, args: ExtenderArgs) -> list[int]:
-        """A score 0-10 per node, in the request's order (see `scoring`)."""
+        """A score 0-10 per node, in the request's order (see `scoring`); [] = no opinion.
+
+        An empty answer gives every node 0 (the scheduler adds the listed hosts' scores only),
+        without listing thousands of zeros for a pod that uses no cache.
+        """
         request = pod_request(args.pod, default_mode=self.default_mode)
         if not request.wants_cache:
-            return [0] * len(args.node_names)
+            return []
         zones = self.zones(args)
         answer = self._answer(args.pod, request, zones, reuse=True)
         return node_scores(answer, zones)
@@ -87,11 +94,13 @@ class Scheduling:
             if kept is not None:
                 return kept
         first = bool(pod.uid) and self.decisions.first_match(pod.uid)
+        known_zones = set(zones)
+        known_zones.discard(None)
         query = MatchQuery(
             images=request.images,
             manual_id=request.manual_id,
             strict=request.strict,
-            zones=tuple(sorted({z for z in zones if z})),
+            zones=tuple(sorted(z for z in known_zones if z)),
             validate_only=not first,
         )
         answer = self.match(query)
@@ -99,20 +108,20 @@ class Scheduling:
             self.decisions.put(pod.uid, answer)
             if first and answer.known:
                 self.decisions.counted(pod.uid)
-        self._report(pod, answer, zones)
+        self._report(pod, answer, query.zones)
         return answer
 
     def _explain_unmatchable(self, pod: PodInfo, request: PodRequest) -> None:
         if request.mode is not Mode.OFF and request.problem:
             self.events.emit(pod, reason=EVENT_MISSED, message=request.problem, warning=True)
 
-    def _report(self, pod: PodInfo, answer: MatchAnswer, zones: Sequence[str | None]) -> None:
+    def _report(self, pod: PodInfo, answer: MatchAnswer, zones: Sequence[str]) -> None:
         if not answer.known:
             message = f"image cache matcher unavailable, the pod pulls its images: {answer.message}"
             self.events.emit(pod, reason=EVENT_MISSED, message=message, warning=True)
         elif answer.decision == matches.MATCHED and answer.candidates:
             best = answer.candidates[0]
-            here = sorted(best.available_zones & {z for z in zones if z}) or sorted(best.available_zones)
+            here = sorted(best.available_zones.intersection(zones)) or sorted(best.available_zones)
             cache = best.image_cache.removeprefix("imageCaches/")
             where = f"zone {', '.join(here)}" if here else "no zone yet"
             message = f"image cache {cache} matched; a disk can be provisioned in {where}"

@@ -24,7 +24,8 @@ the in-tree plugins decide alone). Integers only: the scheduler rejects a float.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from itertools import repeat
 
 from services.extender.api import MAX_SCORE, MIN_SCORE
 from services.extender.matches import MatchAnswer
@@ -33,9 +34,9 @@ AVAILABLE_FLOOR = 5
 HYDRATING_TOP = 3
 
 
-def zone_scores(answer: MatchAnswer) -> Mapping[str, int]:
+def zone_scores(answer: MatchAnswer) -> dict[str | None, int]:
     """The score of every zone the answer mentions (zones it does not mention score 0)."""
-    scores: dict[str, int] = {}
+    scores: dict[str | None, int] = {}
     if not answer.known:
         return scores
     for candidate in answer.candidates:
@@ -53,4 +54,5 @@ def node_scores(answer: MatchAnswer, zones: Sequence[str | None]) -> list[int]:
     by_zone = zone_scores(answer)
     if not by_zone:
         return [MIN_SCORE] * len(zones)
-    return [by_zone.get(zone, MIN_SCORE) if zone else MIN_SCORE for zone in zones]
+    # map over dict.get: C speed for thousands of nodes; None (no zone) is never a key
+    return list(map(by_zone.get, zones, repeat(MIN_SCORE)))

@@ -8,6 +8,7 @@ written, while full-Nodes requests still work.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class ExtenderConfig:
     kubeconfig: Path | None = None
     in_cluster: bool = False
     node_watch_timeout_seconds: int = 60
+    freeze_gc: bool = True
 
     def validate(self) -> None:
         """Refuse a bad configuration at start-up rather than at the first request."""
@@ -132,6 +134,11 @@ class ExtenderApp:
             socket_timeout=self.config.socket_timeout_seconds,
         )
         self._thread = serve_in_thread(self.http)
+        if self.config.freeze_gc:
+            # Everything built so far (modules, clients, the node map) lives as long as the
+            # process: out of the collector's sight, a full collection no longer walks it, which
+            # took tens of milliseconds off the p99 of a request (bench/extender.py).
+            gc.freeze()
         if wait_nodes_seconds and self.node_cache is not None:
             self.node_cache.wait_synced(wait_nodes_seconds)
         return self

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from services.extender.api import decode_args, encode_filter_result, encode_host_priorities
+from services.extender.api import decode_args, encode_filter_result, encode_host_priorities, peek_pod
 from snapcache.errors import InvalidArgument
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "extender"
@@ -106,3 +106,59 @@ def test_host_priorities_are_integers_under_capitalised_keys() -> None:
     body = encode_host_priorities(["a", "b"], [10, 0])
     assert body == b'[{"Host":"a","Score":10},{"Host":"b","Score":0}]'
     assert encode_host_priorities([], []) == b"[]"
+
+
+def test_host_priorities_escape_odd_names_and_refuse_out_of_range_scores() -> None:
+    odd = ['a"b', "c\\d", "é", "n\n"]
+    assert orjson.loads(encode_host_priorities(odd, [1, 2, 3, 4])) == [
+        {"Host": h, "Score": s} for h, s in zip(odd, [1, 2, 3, 4], strict=True)
+    ]
+    for bad in ([11], [-1], [2.5]):
+        with pytest.raises(ValueError, match="0 to 10"):
+            encode_host_priorities(["a"], bad)  # type: ignore[arg-type]
+    names = [f"node-{i}.zone-a.example.com" for i in range(300)]
+    scores = [i % 11 for i in range(300)]
+    assert orjson.loads(encode_host_priorities(names, scores)) == [
+        {"Host": h, "Score": s} for h, s in zip(names, scores, strict=True)
+    ]
+
+
+def compact(document: object) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+POD = {"metadata": {"name": "p", "namespace": "ns", "uid": "u", "annotations": {"a": "b"}}}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        compact({"Pod": POD, "Nodes": None, "NodeNames": ["n1", "n2"]}),
+        compact({"Pod": POD, "Nodes": None, "NodeNames": []}) + b"\n",
+        # the marker inside the pod: a key (not last) and a string (its quotes escaped)
+        compact(
+            {
+                "Pod": {**POD, "x": {"y": 1, "Nodes": None, "NodeNames": [1]}},
+                "Nodes": None,
+                "NodeNames": ["n"],
+            }
+        ),
+        compact({"Pod": {**POD, "s": ',"Nodes":null,"NodeNames":['}, "Nodes": None, "NodeNames": ["n"]}),
+    ],
+)
+def test_peek_pod_reads_the_same_pod_as_the_full_decoder(body: bytes) -> None:
+    assert peek_pod(body) == decode_args(body).pod
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        json.dumps({"Pod": POD, "Nodes": None, "NodeNames": ["n"]}).encode(),  # not compact: full decode
+        compact({"NodeNames": ["n"], "Pod": POD, "Nodes": None}),
+        compact({"Pod": POD, "Nodes": {"items": []}, "NodeNames": None}),
+        compact({"Pod": {"metadata": 3}, "Nodes": None, "NodeNames": ["n"]}),
+        b'{"Pod":{"metadata":{}},"Nodes":null,"NodeNames":[',
+    ],
+)
+def test_peek_pod_declines_anything_else(body: bytes) -> None:
+    assert peek_pod(body) is None

@@ -1,0 +1,427 @@
+"""Benchmark `extender`: prioritize latency against an empty POST handler on the same HTTP stack.
+
+A real registry (`snapcache serve`, 2,000 READY caches seeded as in bench/match.py, AVAILABLE in
+zone-a and zone-b) and a real matcher process; the extender (`ExtenderApp`) runs in this process
+with 5,000 nodes in three zones in its node-zone map (what the node cache holds), asked by a
+client in another process over one keep-alive connection, as kube-scheduler does.
+
+Floor: an empty POST handler (reads the body, answers `[]`) on the same HTTP stack
+(`ExtenderHTTPServer`) in this process; the client alternates extender and floor requests with
+the same body, so background load weighs on both alike. Figures:
+
+- NodeNames mode, 5,000 nodes: prioritize for an annotated pod (a new pod UID every time, so
+  every call asks the matcher: the matcher call is included) and for an unannotated pod; p50 and
+  p99 over the floor's. Targets: annotated p99 <= 3x, unannotated p99 <= 1.2x.
+- full Nodes mode, 500 Node objects: annotated prioritize over the floor with the same body.
+- 4 concurrent client processes: requests per second of annotated prioritize (5,000 names)
+  over the floor's.
+- the HTTP stack itself, chosen by measurement: the empty handler on the standard library's
+  server (the chosen one) against uvicorn + starlette, uvicorn with a raw ASGI app (httptools,
+  uvloop) and granian (raw ASGI), each in a process of its own, same body, same client.
+
+    python bench/extender.py [--caches 2000] [--nodes 5000] [--requests 2000] [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from match_setup import catalogue, free_port, registry_and_matcher, seed_registry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from services.extender.http_app import ExtenderHTTPServer, serve_in_thread
+from services.extender.server import ExtenderApp, ExtenderConfig
+
+CLIENTS = 4
+ZONES = ("zone-a", "zone-b", "zone-c")  # the seeded caches are AVAILABLE in zone-a and zone-b
+HERE = Path(__file__).resolve().parent
+UID_MARK = b"00000000-uid-mark"
+
+
+# --- the floors -------------------------------------------------------------------------------
+
+
+class EmptyRoutes:
+    """Routes that read nothing and answer `[]`: the floor on the same HTTP stack."""
+
+    def post(self, path: str, body: bytes) -> tuple[int, str, bytes]:
+        return 200, "application/json", b"[]"
+
+    def get(self, path: str) -> tuple[int, str, bytes]:
+        return 200, "text/plain", b"ok"
+
+
+async def empty_asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The floor as a raw ASGI app (uvicorn, granian)."""
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
+    )
+    await send({"type": "http.response.body", "body": b"[]"})
+
+
+def _starlette_app() -> Any:
+    async def empty(request: Request) -> Response:
+        await request.body()
+        return Response(b"[]", media_type="application/json")
+
+    return Starlette(routes=[Route("/{verb}", empty, methods=["POST"])])
+
+
+def serve_empty(stack: str, port: int) -> None:
+    """Run one stack's empty handler until killed (a child process of the comparison)."""
+    if stack == "stdlib":
+        server = ExtenderHTTPServer(
+            ("127.0.0.1", port), EmptyRoutes(), max_body_bytes=1 << 26, socket_timeout=30
+        )  # type: ignore[arg-type]
+        server.serve_forever()
+    elif stack in ("uvicorn-starlette", "uvicorn-asgi"):
+        app = _starlette_app() if stack == "uvicorn-starlette" else empty_asgi
+        uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", http="httptools", loop="uvloop")
+    else:
+        raise SystemExit(f"unknown stack {stack}")
+
+
+def start_stack(stack: str, port: int) -> subprocess.Popen[bytes]:
+    if stack == "granian":
+        command = [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1",
+                   "--port", str(port), "--workers", "1", "--log-level", "error", "extender:empty_asgi"]  # fmt: skip
+    else:
+        command = [sys.executable, str(HERE / "extender.py"), "--serve-empty", stack, "--port", str(port)]
+    process = subprocess.Popen(command, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            connection.request("POST", "/x", b"{}", {"Content-Type": "application/json"})
+            connection.getresponse().read()
+            connection.close()
+            return process
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise TimeoutError(f"{stack} did not start")
+
+
+# --- requests ----------------------------------------------------------------------------------
+
+
+def pod(annotated: bool, images: Sequence[str]) -> dict[str, Any]:
+    annotations = {"snapcache.io/use-image-cache": "auto"} if annotated else {}
+    return {
+        "metadata": {
+            "name": "app",
+            "namespace": "default",
+            "uid": UID_MARK.decode(),
+            "annotations": annotations,
+        },
+        "spec": {"containers": [{"name": f"c{i}", "image": image} for i, image in enumerate(images)]},
+    }
+
+
+def node_object(name: str, zone: str) -> dict[str, Any]:
+    """A Node as the scheduler sends it in full-Nodes mode (labels, capacity, conditions, images)."""
+    return {
+        "metadata": {
+            "name": name,
+            "uid": f"uid-{name}",
+            "resourceVersion": "12345",
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "topology.kubernetes.io/zone": zone,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "node.kubernetes.io/instance-type": "m5.xlarge",
+            },
+            "annotations": {"node.alpha.kubernetes.io/ttl": "0"},
+        },
+        "spec": {"podCIDR": "10.0.0.0/24", "providerID": f"aws:///{zone}/{name}"},
+        "status": {
+            "capacity": {"cpu": "4", "memory": "16Gi", "pods": "110", "ephemeral-storage": "100Gi"},
+            "allocatable": {"cpu": "3920m", "memory": "15Gi", "pods": "110", "ephemeral-storage": "92Gi"},
+            "conditions": [
+                {
+                    "type": t,
+                    "status": "False" if t != "Ready" else "True",
+                    "reason": f"Kubelet{t}",
+                    "message": f"kubelet reports {t}",
+                    "lastHeartbeatTime": "2026-11-29T10:00:00Z",
+                    "lastTransitionTime": "2026-11-01T10:00:00Z",
+                }
+                for t in ("MemoryPressure", "DiskPressure", "PIDPressure", "Ready")
+            ],
+            "addresses": [
+                {"type": "InternalIP", "address": "10.0.0.1"},
+                {"type": "Hostname", "address": name},
+            ],
+            "nodeInfo": {
+                "kubeletVersion": "v1.29.0",
+                "containerRuntimeVersion": "containerd://1.7.0",
+                "osImage": "Ubuntu 22.04",
+                "kernelVersion": "6.1.0",
+                "architecture": "amd64",
+            },
+            "images": [
+                {"names": [f"registry.example.com/team/app{i}:v1"], "sizeBytes": 100_000_000 + i}
+                for i in range(10)
+            ],
+        },
+    }
+
+
+def body(
+    pod_document: dict[str, Any], *, names: Sequence[str] = (), nodes: Sequence[dict[str, Any]] = ()
+) -> bytes:
+    """The request as kube-scheduler's encoding/json writes it: compact, fields in struct order."""
+    if nodes:
+        document = {"Pod": pod_document, "Nodes": {"items": list(nodes)}, "NodeNames": None}
+    else:
+        document = {"Pod": pod_document, "Nodes": None, "NodeNames": list(names)}
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+# --- clients (separate processes) ----------------------------------------------------------------
+
+
+def _send(connection: http.client.HTTPConnection, path: str, payload: bytes) -> bytes:
+    connection.request("POST", path, payload, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    data = response.read()
+    if response.status != 200:
+        raise RuntimeError(f"{path}: HTTP {response.status}: {data[:200]!r}")
+    return data
+
+
+Case = tuple[int, str, bytes, bool, str]  # port, path, body, a new pod UID each time, untimed path first
+
+
+def _latency_client(cases: list[Case], rounds: int, out: Any) -> None:
+    """Each round sends every case once (in order); returns latencies per case in microseconds."""
+    connections: dict[int, http.client.HTTPConnection] = {}
+    samples: list[list[float]] = [[] for _ in cases]
+    for number in range(rounds + 50):
+        for index, (port, path, payload, unique, first) in enumerate(cases):
+            connection = connections.setdefault(
+                port, http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            )
+            uid = f"{index:02d}{number:06d}-uid-mark".encode()
+            data = payload.replace(UID_MARK, uid) if unique else payload
+            if first:
+                _send(connection, first, data)  # the scheduler's filter call before prioritize
+            t0 = time.perf_counter()
+            _send(connection, path, data)
+            if number >= 50:  # warm-up
+                samples[index].append((time.perf_counter() - t0) * 1e6)
+    out.put(samples)
+
+
+def latencies(cases: list[Case], rounds: int) -> list[list[float]]:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    worker = context.Process(target=_latency_client, args=(cases, rounds, queue))
+    worker.start()
+    found: list[list[float]] = queue.get(timeout=600)
+    worker.join()
+    return found
+
+
+def _rate_client(job: tuple[int, str, bytes, bool, float, int], out: Any) -> None:
+    port, path, payload, unique, seconds, offset = job
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    for _ in range(20):
+        _send(connection, path, payload.replace(UID_MARK, b"warm-up-0-uid-mark") if unique else payload)
+    done = 0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        data = payload.replace(UID_MARK, f"{offset + done:08d}-uid-mark".encode()) if unique else payload
+        _send(connection, path, data)
+        done += 1
+    out.put(done / seconds)
+
+
+def rate(port: int, path: str, payload: bytes, *, unique: bool, seconds: float) -> float:
+    """Requests per second of CLIENTS client processes together."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [
+        context.Process(
+            target=_rate_client, args=((port, path, payload, unique, seconds, (i + 1) * 10**7), queue)
+        )
+        for i in range(CLIENTS)
+    ]
+    for worker in workers:
+        worker.start()
+    rates = [queue.get(timeout=seconds + 120) for _ in workers]
+    for worker in workers:
+        worker.join()
+    return float(sum(rates))
+
+
+def p(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--caches", type=int, default=2000)
+    parser.add_argument("--nodes", type=int, default=5000)
+    parser.add_argument("--full-nodes", type=int, default=500)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--serve-empty", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.serve_empty:
+        serve_empty(options.serve_empty, options.port)
+        return 0
+
+    cat = catalogue(caches=options.caches, images=options.caches * 2)
+    names = [f"node-{i:05d}" for i in range(options.nodes)]
+    zones = {name: ZONES[i % len(ZONES)] for i, name in enumerate(names)}
+    images = cat.caches[len(cat.caches) // 2]  # a cache's exact images: MATCHED
+    annotated = body(pod(True, images), names=names)
+    plain = body(pod(False, images), names=names)
+    full = body(pod(True, images), nodes=[node_object(n, zones[n]) for n in names[: options.full_nodes]])
+    print(f"bodies: NodeNames x {options.nodes} = {len(annotated) / 1024:.0f} KiB; "
+          f"full Nodes x {options.full_nodes} = {len(full) / 1024:.0f} KiB")  # fmt: skip
+
+    with tempfile.TemporaryDirectory(prefix="bench-extender-") as tmp:
+        data_dir = Path(tmp) / "registry"
+        seed_registry(data_dir, cat.caches)
+        with registry_and_matcher(data_dir) as running:
+            app = ExtenderApp(
+                ExtenderConfig(
+                    matcher_target=running.matcher, listen="127.0.0.1:0", matcher_budget_seconds=1.0
+                )
+            )
+            app.scheduling.zone_lookup = zones.get  # what the node cache holds
+            app.start()
+            floor = ExtenderHTTPServer(
+                ("127.0.0.1", 0), EmptyRoutes(), max_body_bytes=1 << 26, socket_timeout=30
+            )  # type: ignore[arg-type]
+            serve_in_thread(floor)
+            floor_port = int(floor.server_address[1])
+            try:
+                check = http.client.HTTPConnection("127.0.0.1", app.port)
+                scores = json.loads(_send(check, "/prioritize", annotated))
+                by_zone = {zones[h["Host"]]: h["Score"] for h in scores}
+                print(f"scores by zone: {by_zone}")
+                assert by_zone["zone-a"] == 10 and by_zone["zone-c"] == 0, by_zone
+                check.close()
+
+                cases: list[Case] = [
+                    (app.port, "/prioritize", annotated, True, ""),
+                    (floor_port, "/prioritize", annotated, True, ""),
+                    (app.port, "/prioritize", plain, False, ""),
+                    (floor_port, "/prioritize", plain, False, ""),
+                    (app.port, "/prioritize", full, True, ""),
+                    (floor_port, "/prioritize", full, True, ""),
+                    (app.port, "/prioritize", annotated, True, "/filter"),
+                    (floor_port, "/prioritize", annotated, True, "/filter"),
+                ]
+                ann, ann_floor, un, un_floor, full_s, full_floor, cycle, cycle_floor = latencies(
+                    cases, options.requests
+                )
+                ann_rate = rate(app.port, "/prioritize", annotated, unique=True, seconds=options.seconds)
+                ann_floor_rate = rate(
+                    floor_port, "/prioritize", annotated, unique=True, seconds=options.seconds
+                )
+                fail_open = app.metrics.render().decode()
+            finally:
+                app.stop()
+                floor.shutdown()
+                floor.server_close()
+    assert "snapcache_extender_fail_open_total{" not in fail_open, "the matcher call failed during the bench"
+
+    stacks: dict[str, dict[str, float]] = {}
+    for stack in ("stdlib", "uvicorn-starlette", "uvicorn-asgi", "granian"):
+        port = free_port()
+        process = start_stack(stack, port)
+        try:
+            [samples] = latencies([(port, "/prioritize", annotated, False, "")], options.requests)
+            stacks[stack] = {
+                "p50_us": p(samples, 0.5),
+                "p99_us": p(samples, 0.99),
+                "rps": rate(port, "/prioritize", annotated, unique=False, seconds=options.seconds),
+            }
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+    def line(what: str, mine: list[float], base: list[float], target: str = "") -> tuple[float, float]:
+        r50, r99 = p(mine, 0.5) / p(base, 0.5), p(mine, 0.99) / p(base, 0.99)
+        print(f"{what}: p50 {p(mine, 0.5):.0f} us / floor {p(base, 0.5):.0f} us = {r50:.2f}; "
+              f"p99 {p(mine, 0.99):.0f} / {p(base, 0.99):.0f} = {r99:.2f}{target}")  # fmt: skip
+        return r50, r99
+
+    a50, a99 = line(
+        f"annotated prioritize, NodeNames x {options.nodes} (matcher call included)",
+        ann,
+        ann_floor,
+        " (target p99 <= 3)",
+    )
+    u50, u99 = line(
+        f"unannotated prioritize, NodeNames x {options.nodes}", un, un_floor, " (target p99 <= 1.2)"
+    )
+    f50, f99 = line(f"annotated prioritize, full Nodes x {options.full_nodes}", full_s, full_floor)
+    c50, c99 = line(
+        f"annotated prioritize after its filter (answer reused, as in a scheduling cycle), NodeNames x {options.nodes}",
+        cycle,
+        cycle_floor,
+    )
+    print(f"throughput, {CLIENTS} clients: annotated prioritize {ann_rate:.0f}/s, floor {ann_floor_rate:.0f}/s "
+          f"= {ann_rate / ann_floor_rate:.2f} of the floor")  # fmt: skip
+    print("HTTP stacks, empty handler, same body (one client p50/p99; 4 clients req/s):")
+    for stack, figures in stacks.items():
+        print(f"  {stack:18} p50 {figures['p50_us']:6.0f} us  p99 {figures['p99_us']:6.0f} us  "
+              f"{figures['rps']:6.0f} req/s  (p50 {figures['p50_us'] / stacks['stdlib']['p50_us']:.2f}x stdlib)")  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "bench": "extender",
+                "ratio": round(a99, 3),
+                "annotated_p50_ratio": round(a50, 3),
+                "annotated_p99_ratio": round(a99, 3),
+                "unannotated_p50_ratio": round(u50, 3),
+                "unannotated_p99_ratio": round(u99, 3),
+                "full_nodes_p50_ratio": round(f50, 3),
+                "full_nodes_p99_ratio": round(f99, 3),
+                "after_filter_p50_ratio": round(c50, 3),
+                "after_filter_p99_ratio": round(c99, 3),
+                "throughput_ratio": round(ann_rate / ann_floor_rate, 3),
+                "annotated_p99_us": round(p(ann, 0.99), 1),
+                "floor_p99_us": round(p(ann_floor, 0.99), 1),
+                "stacks_p50_us": {k: round(v["p50_us"], 1) for k, v in stacks.items()},
+                "stacks_rps": {k: round(v["rps"]) for k, v in stacks.items()},
+                "nodes": options.nodes,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
