@@ -72,6 +72,7 @@ class NodeZoneCache:
         self._retry = retry_seconds
         self._thread: threading.Thread | None = None
         self._watch: kube_watch.Watch | None = None
+        self.make_watch = kube_watch.Watch  # a seam for tests
         self.relists = 0
 
     def zone(self, name: str) -> str | None:
@@ -141,7 +142,7 @@ class NodeZoneCache:
         return version
 
     def _follow(self, version: str) -> str:
-        self._watch = kube_watch.Watch()  # type: ignore[no-untyped-call]
+        self._watch = self.make_watch()  # type: ignore[no-untyped-call]
         for event in self._watch.stream(  # type: ignore[no-untyped-call]
             self._core.list_node,
             resource_version=version,

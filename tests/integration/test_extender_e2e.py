@@ -289,3 +289,22 @@ def test_with_the_matcher_stopped_pods_still_schedule(stack: Stack) -> None:
         stack.matcher = MatcherApp(
             matcher_config(stack.harness.server.port, listen=f"127.0.0.1:{port}")
         ).start(wait_loaded_seconds=10)
+
+
+def test_the_node_cache_follows_node_changes(stack: Stack) -> None:
+    cache = stack.extender.node_cache
+    assert cache is not None
+    name = f"late-{stack.group}"
+    with stack.cluster.api_client() as client:
+        core = k8s.CoreV1Api(client)
+        core.create_node(node(name, "zone-d", f"other-{stack.group}"))  # not this module's pods' nodes
+        try:
+            eventually(lambda: cache.zone(name) == "zone-d", what="a new node in the cache")
+            core.patch_node(name, {"metadata": {"labels": {"topology.kubernetes.io/zone": None}}})
+            core.patch_node(
+                name, {"metadata": {"labels": {"failure-domain.beta.kubernetes.io/zone": "zone-old"}}}
+            )
+            eventually(lambda: cache.zone(name) == "zone-old", what="the beta label after a relabel")
+        finally:
+            core.delete_node(name)
+    eventually(lambda: cache.zone(name) is None and cache.size() >= 3, what="the deleted node gone")
