@@ -53,6 +53,9 @@ from snapcache.images import parse_image_reference
 
 log = logging.getLogger(__name__)
 
+# Our own generator: jitter must not draw from (or disturb) the process-wide `random` state.
+_JITTER = random.Random()
+
 # Lost zone copies: how many a reconcile pass re-copies at most, and the share of all copies
 # above which the provider's view is distrusted instead (checked once there are enough copies).
 LOST_ZONES_PER_PASS = 100
@@ -354,7 +357,7 @@ class LifecycleWorker:
     ) -> None:
         settings = self._settings
         if failure.retryable and attempt < settings.max_build_attempts:
-            delay = settings.retry_base_seconds * 2 ** (attempt - 1) * random.uniform(0.8, 1.2)
+            delay = settings.retry_base_seconds * 2 ** (attempt - 1) * _JITTER.uniform(0.8, 1.2)
             self._write(
                 cache,
                 build_id,

@@ -32,6 +32,9 @@ from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
 
 log = logging.getLogger(__name__)
 
+# Our own generator: jitter must not draw from (or disturb) the process-wide `random` state.
+_JITTER = random.Random()
+
 _Page = api.ListImageCachesResponse | BaseException | None
 _UPSERT = api.WatchImageCachesResponse.UPSERT
 _DELETE = api.WatchImageCachesResponse.DELETE
@@ -184,7 +187,7 @@ class IndexSync:
                     need_full = True
                     continue
                 log.info("registry feed down (%s: %s); retrying in %.1fs", code.name, details, backoff)
-                self._stopping.wait(backoff * random.uniform(0.5, 1.0))
+                self._stopping.wait(backoff * _JITTER.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, self._settings.backoff_max_seconds)
             except Exception:  # a bug must not end the follower: keep serving, log, retry
                 log.exception("matcher index sync failed; retrying")

@@ -227,6 +227,12 @@ class KubeCluster:
             "clientConnection": {"kubeconfig": str(kubeconfig)},
             "leaderElection": {"leaderElect": False},
         }
+        # With --config, the 1.20 scheduler takes its insecure health/metrics address from the
+        # file (default 0.0.0.0:10251) and ignores --port=0: give every scheduler a free port of
+        # its own, so two of them (or another one on this machine) never collide.
+        insecure = f"127.0.0.1:{free_port()}"
+        document["healthzBindAddress"] = insecure
+        document["metricsBindAddress"] = insecure
         if scheduler_name:
             document["profiles"] = [{"schedulerName": scheduler_name}]
         if extenders:
