@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import enum
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -38,7 +37,7 @@ class CacheState(enum.Enum):
     EXPIRED = 7
 
 
-@dataclass(frozen=True, slots=True, weakref_slot=True)  # weak: the pool forgets unused images
+@dataclass(frozen=True, slots=True)
 class HeldImage:
     """An image as a cache's last build recorded it (pooled: one object per distinct image)."""
 
@@ -194,15 +193,21 @@ class RecordedImage(Protocol):
 class ImagePool:
     """Interns held images, so caches sharing an image share one object and its strings.
 
-    Weak: an image no cache holds any more is dropped, so a long-lived matcher following a
-    registry with churn does not keep every image it ever saw.
+    A full load starts a fresh pool (the old one goes with the old index); between full loads,
+    `prune` drops the images no cache holds any more, so churn does not grow it without bound.
     """
 
     def __init__(self) -> None:
-        self._images: weakref.WeakValueDictionary[tuple[str, str, str], HeldImage] = (
-            weakref.WeakValueDictionary()
-        )
+        self._images: dict[tuple[str, str, str], HeldImage] = {}
         self._zone_sets: dict[tuple[str, ...], tuple[str, ...]] = {}  # a handful: zones are few
+
+    def prune(self, index: CacheIndex) -> int:
+        """Forget images no cache of ``index`` holds; return how many were dropped."""
+        held = {id(image) for entry in index.entries() for image in entry.images}
+        unused = [key for key, image in self._images.items() if id(image) not in held]
+        for key in unused:
+            del self._images[key]
+        return len(unused)
 
     def held_image(
         self,
@@ -251,8 +256,11 @@ class ImagePool:
 
     def zones(self, names: list[str]) -> tuple[str, ...]:
         """The sorted tuple of ``names``, shared by every cache in the same zones."""
-        key = tuple(sorted(names))
-        return self._zone_sets.setdefault(key, key)
+        given = tuple(names)
+        found = self._zone_sets.get(given)
+        if found is None:
+            found = self._zone_sets[given] = tuple(sorted(given))
+        return found
 
     def __len__(self) -> int:
         return len(self._images)
@@ -362,7 +370,8 @@ class IndexBuilder:
                 if posting is None:
                     posting = postings[key] = Posting()
                 posting.add(entry)
-                posting.max_bytes = max(posting.max_bytes, size)
+                if size > posting.max_bytes:  # noqa: PLR1730 (max() costs a call per image)
+                    posting.max_bytes = size
 
     def finish(self, *, revision: int) -> CacheIndex:
         """The index of everything added, as of ``revision``."""

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 _JITTER = random.Random()
 
 _Page = api.ListImageCachesResponse | BaseException | None
+# The image pool forgets images of deleted caches every this many changes from the feed.
+PRUNE_EVERY_UPSERTS = 10_000
 _UPSERT = api.WatchImageCachesResponse.UPSERT
 _DELETE = api.WatchImageCachesResponse.DELETE
 
@@ -93,6 +95,7 @@ class IndexSync:
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._pool = ImagePool()
+        self._upserts_since_prune = 0
         self._index = CacheIndex(self._pool)
         self._loaded = threading.Event()
         self._stopping = threading.Event()
@@ -242,7 +245,8 @@ class IndexSync:
 
         fetcher = threading.Thread(target=fetch, name="matcher-index-fetch", daemon=True)
         fetcher.start()
-        builder = IndexBuilder(self._pool)
+        pool = ImagePool()  # fresh: the old index's images go with it
+        builder = IndexBuilder(pool)
         first_revision: int | None = None
         try:
             while True:
@@ -254,7 +258,7 @@ class IndexSync:
                 if first_revision is None:
                     first_revision = item.revision
                 for cache in item.image_caches:
-                    builder.add(entry_from_cache(cache, self._pool))
+                    builder.add(entry_from_cache(cache, pool))
                 if self._stopping.is_set():
                     return  # stopping: keep the index as it was rather than swap in half of one
         finally:
@@ -263,6 +267,8 @@ class IndexSync:
         fresh = builder.finish(revision=first_revision or 0)
         with self._lock:
             self._index = fresh
+            self._pool = pool
+            self._upserts_since_prune = 0
             self._resume_revision = first_revision or 0
             self._last_contact = self._monotonic()
             self._last_full_sync_time = time.time()
@@ -287,6 +293,10 @@ class IndexSync:
             with self._lock:
                 if entry is not None:
                     self._index.upsert(entry)
+                    self._upserts_since_prune += 1
+                    if self._upserts_since_prune >= PRUNE_EVERY_UPSERTS:
+                        self._upserts_since_prune = 0
+                        self._pool.prune(self._index)
                 elif change.type == _DELETE:
                     self._index.delete(change.image_cache.name, revision=change.revision)
                 else:

@@ -8,7 +8,6 @@ true rejections (all of them, closest first, when the answer says it is not trun
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -657,7 +656,9 @@ def test_the_image_pool_shares_images_and_forgets_unused_ones() -> None:
     index.upsert(second)
     del first, second
     assert len(own_pool) == 1
+    assert own_pool.prune(index) == 0  # still held
     index.delete("imageCaches/imc-00000001", revision=2)
+    assert own_pool.prune(index) == 0  # the other cache holds it
     index.delete("imageCaches/imc-00000002", revision=3)
-    gc.collect()
+    assert own_pool.prune(index) == 1
     assert len(own_pool) == 0
