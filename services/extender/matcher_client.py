@@ -33,7 +33,16 @@ class MatcherClient:
         budget_seconds: float,
         on_fail_open: Callable[[str], None] = lambda _code: None,
     ) -> None:
-        self._channel = grpc.insecure_channel(target)
+        # Reconnect soon after a matcher restart: gRPC's default backoff grows to two minutes,
+        # all of it failing open.
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+            ],
+        )
         self._stub = mpb_grpc.MatcherServiceStub(self._channel)
         self._budget = budget_seconds
         self._on_fail_open = on_fail_open

@@ -63,6 +63,7 @@ class NodeZoneCache:
         *,
         watch_timeout_seconds: int = 60,
         retry_seconds: float = 1.0,
+        max_retry_seconds: float = 30.0,
     ) -> None:
         self._core = kube_client.CoreV1Api(api_client)
         self._zones: dict[str, str | None] = {}
@@ -70,6 +71,7 @@ class NodeZoneCache:
         self._stopping = threading.Event()
         self._watch_timeout = watch_timeout_seconds
         self._retry = retry_seconds
+        self._max_retry = max_retry_seconds
         self._thread: threading.Thread | None = None
         self._watch: kube_watch.Watch | None = None
         self.make_watch = kube_watch.Watch  # a seam for tests
@@ -106,25 +108,28 @@ class NodeZoneCache:
 
     def _run(self) -> None:
         version = ""
+        failures = 0
         while not self._stopping.is_set():
             try:
                 if not version:
                     version = self._list()
                 version = self._follow(version)
+                failures = 0
+                continue
             except ApiException as exc:
                 if exc.status == _GONE:
                     log.info("node watch expired (410 Gone); relisting")
                     version = ""
                     continue
-                log.warning("node cache: Kubernetes API error %s; retrying", exc.status)
-                self._stopping.wait(self._retry)
+                # 403 (no RBAC for nodes) and friends: NodeNames requests see zone-less nodes
+                log.warning("node cache: Kubernetes API error %s %s; retrying", exc.status, exc.reason)
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
                 log.warning("node cache: cannot reach the Kubernetes API (%s); retrying", type(exc).__name__)
-                self._stopping.wait(self._retry)
             except Exception:  # the cache must outlive a bug; it retries from a fresh list
                 log.exception("node cache failed; relisting")
                 version = ""
-                self._stopping.wait(self._retry)
+            failures += 1
+            self._stopping.wait(min(self._retry * 2 ** min(failures - 1, 10), self._max_retry))
 
     def _list(self) -> str:
         # Raw JSON through orjson: deserializing thousands of V1Node models costs seconds.
