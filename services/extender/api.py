@@ -154,7 +154,7 @@ def decode_args(body: bytes) -> ExtenderArgs:
 
 # How kube-scheduler's encoding/json writes a NodeNames request: struct fields in declaration
 # order, no spaces. Inside a JSON string a quote is always escaped, so this byte sequence can only
-# be the top-level keys, and it is the last of its kind: only node-name strings follow it.
+# be a key: the top-level one, or one nested in the pod.
 _NODE_NAMES_TAIL: Final = b',"Nodes":null,"NodeNames":['
 _POD_HEAD: Final = b'{"Pod":'
 
@@ -172,13 +172,19 @@ def peek_pod(body: bytes) -> PodInfo | None:
         body = body.rstrip()
     if not body.startswith(_POD_HEAD) or not body.endswith(b"]}"):
         return None
-    cut = body.rfind(_NODE_NAMES_TAIL)
-    if cut < 0:
-        return None
-    try:
-        return decode_pod(orjson.loads(body[len(_POD_HEAD) : cut]))
-    except (orjson.JSONDecodeError, InvalidArgument):
-        return None
+    # The first occurrence is the top-level key unless the pod nests one; then the text before it
+    # is not a whole JSON value, and the last occurrence (only names follow the real one) is tried.
+    # A whole JSON value cannot be a proper prefix of another, so a parse means the real pod.
+    for cut in (body.find(_NODE_NAMES_TAIL), body.rfind(_NODE_NAMES_TAIL)):
+        if cut < 0:
+            return None
+        try:
+            return decode_pod(orjson.loads(body[len(_POD_HEAD) : cut]))
+        except orjson.JSONDecodeError:
+            continue
+        except InvalidArgument:
+            return None
+    return None
 
 
 def encode_filter_result(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -39,6 +40,7 @@ class ExtenderMetrics:
             registry=self.registry,
         )
         self._requests = requests
+        self._bound: dict[tuple[str, int], Any] = {}
         fail_open = Counter(
             "snapcache_extender_fail_open",
             "Matcher calls that failed (down, slow, error), answered as if no cache: by gRPC code",
@@ -57,7 +59,10 @@ class ExtenderMetrics:
 
     def request(self, verb: str, code: int) -> None:
         """Count one HTTP answer."""
-        self._requests.labels(verb, str(code)).inc()
+        child = self._bound.get((verb, code))
+        if child is None:  # bound once per pair: a label lookup costs more than the increment
+            child = self._bound.setdefault((verb, code), self._requests.labels(verb, str(code)))
+        child.inc()
 
     def fail_open(self, code: str) -> None:
         """Count one matcher call that failed open."""
