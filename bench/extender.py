@@ -317,7 +317,7 @@ def main() -> int:
                     matcher_target=running.matcher, listen="127.0.0.1:0", matcher_budget_seconds=1.0
                 )
             )
-            app.scheduling.zone_lookup = zones.get  # what the node cache holds
+            app.scheduling.node_zones = lambda: zones  # what the node cache holds
             app.start()
             floor = ExtenderHTTPServer(
                 ("127.0.0.1", 0), EmptyRoutes(), max_body_bytes=1 << 26, socket_timeout=30

@@ -81,6 +81,10 @@ class NodeZoneCache:
         """The node's zone; None for a node without one or not (yet) known."""
         return self._zones.get(name)
 
+    def zones(self) -> Mapping[str, str | None]:
+        """The current name -> zone map (read-only for callers; replaced whole on a relist)."""
+        return self._zones
+
     def synced(self) -> bool:
         """True once the first list has been loaded."""
         return self._synced.is_set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +95,7 @@ class ExtenderApp:
         )
         self.scheduling = Scheduling(
             match=self.matcher.match,
-            zone_lookup=cache.zone if cache is not None else _no_zone,
+            node_zones=cache.zones if cache is not None else _no_zones,
             decisions=DecisionCache(ttl_seconds=config.decision_ttl_seconds),
             events=events,
             default_mode=parse_default_mode(config.default_mode),
@@ -162,5 +163,5 @@ class ExtenderApp:
         self.matcher.close()
 
 
-def _no_zone(_name: str) -> str | None:
-    return None
+def _no_zones() -> Mapping[str, str | None]:
+    return {}

@@ -115,7 +115,7 @@ def running() -> Iterator[Running]:
             socket_timeout_seconds=1.0,
         )
     )
-    app.scheduling.zone_lookup = ZONES.get  # the node cache's seam (no Kubernetes here)
+    app.scheduling.node_zones = lambda: ZONES  # the node cache's seam (no Kubernetes here)
     app.start()
     try:
         with httpx.Client(timeout=10) as client:

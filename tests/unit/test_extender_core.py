@@ -259,7 +259,7 @@ class Recorder:
 def scheduling(recorder: Recorder, zones: dict[str, str]) -> Scheduling:
     return Scheduling(
         match=recorder.match,
-        zone_lookup=zones.get,
+        node_zones=lambda: zones,
         decisions=DecisionCache(ttl_seconds=60),
         events=recorder,
     )
