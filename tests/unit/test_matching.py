@@ -403,7 +403,9 @@ def _fields(entry: CacheEntry) -> dict[str, object]:
 
 
 def held(normalized: str, digest: str = DIGESTS[0], *, index_digest: str = "", size: int = 10) -> HeldImage:
-    return pool.held_image(
+    # A pool of its own: the shared one may already hold this reference and digest with other
+    # sizes (the pool keeps the first report), which would make examples depend on test order.
+    return ImagePool().held_image(
         normalized=normalized,
         manifest_digest=digest,
         index_digest=index_digest,
