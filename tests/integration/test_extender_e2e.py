@@ -130,7 +130,10 @@ def stack(kube_cluster: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -
         create_cache(harness, NOWHERE, "redis:7")
         del provider.fail_zone["zone-a"]
         matcher = MatcherApp(matcher_config(harness.server.port)).start(wait_loaded_seconds=10)
-        started.append(lambda: matcher.stop(0))
+        built: list[Stack] = []
+        # whichever matcher runs at the end (a test may replace it): a leaked one would retry
+        # a stopped registry forever
+        started.append(lambda: (built[0].matcher if built else matcher).stop(0))
         with kube_cluster.api_client() as client:
             core = k8s.CoreV1Api(client)
             for name, zone in nodes.items():
@@ -156,7 +159,8 @@ def stack(kube_cluster: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -
         )
         scheduler = kube_cluster.start_scheduler(config)
         started.append(lambda: kube_cluster.stop_scheduler(scheduler))
-        yield Stack(kube_cluster, harness, matcher, extender, scheduler, nodes, group)
+        built.append(Stack(kube_cluster, harness, matcher, extender, scheduler, nodes, group))
+        yield built[0]
     finally:
         for stop in reversed(started):
             stop()
