@@ -743,9 +743,14 @@ class DistributionClient:
             try:
                 if response.status_code == 401 and attempt == 0:
                     challenges = parse_www_authenticate(response.headers.get_list("WWW-Authenticate"))
-                    self._remember_challenge(registry, challenges)
+                    answered = self._remember_challenge(registry, challenges)
                     authorization = self._authorization(
-                        registry, scope, after_challenge=True, rejected=authorization, reference=reference
+                        registry,
+                        scope,
+                        after_challenge=True,
+                        answered=answered,
+                        rejected=authorization,
+                        reference=reference,
                     )
                     continue
                 self._raise_for_status(reference, response, what=what, authenticated=bool(authorization))
@@ -757,7 +762,8 @@ class DistributionClient:
                 response.close()
         raise AssertionError("unreachable: the second attempt always returns or raises")
 
-    def _remember_challenge(self, registry: str, challenges: Sequence[Challenge]) -> None:
+    def _remember_challenge(self, registry: str, challenges: Sequence[Challenge]) -> Challenge | None:
+        """Keep the host's challenge for later requests; return it (None: none usable)."""
         chosen = next((c for c in challenges if c.scheme == "bearer"), None) or next(
             (c for c in challenges if c.scheme == "basic"), None
         )
@@ -766,6 +772,7 @@ class DistributionClient:
                 self._challenges.pop(registry, None)
             else:
                 self._challenges[registry] = chosen
+        return chosen
 
     def _authorization(
         self,
@@ -773,6 +780,7 @@ class DistributionClient:
         scope: str,
         *,
         after_challenge: bool,
+        answered: Challenge | None = None,
         rejected: str = "",
         reference: ImageReference | None = None,
     ) -> str:
@@ -784,10 +792,15 @@ class DistributionClient:
         with the Authorization header ``rejected``: that token is dropped, however long its issuer
         said it would last (the registry may have expired or revoked it), and a new one fetched
         for the scope the challenge named. A different cached token, one another thread fetched
-        meanwhile, is used as it is.
+        meanwhile, is used as it is. After a challenge, ``answered`` is the challenge this very
+        request got: another thread's request to the same host may have stored a challenge for
+        another repository meanwhile, whose scope would buy a token this request cannot use.
         """
-        with self._lock:
-            challenge = self._challenges.get(registry)
+        if after_challenge:
+            challenge = answered
+        else:
+            with self._lock:
+                challenge = self._challenges.get(registry)
         credential = self._credentials.get(registry)
         if challenge is None:
             if after_challenge:

@@ -10,7 +10,7 @@ import random
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -290,6 +290,27 @@ def _client(fake: FakeRegistry, **kwargs: object) -> DistributionClient:
 
 
 REF = ImageReference(REGISTRY, "team/app", "1.0", "")
+
+
+def test_a_token_is_fetched_for_the_scope_this_request_was_challenged_for() -> None:
+    """Another thread's 401 for another repository, landing in between, must not change the scope."""
+    other = Challenge(
+        "bearer",
+        {"realm": TOKEN_URL, "service": REGISTRY, "scope": "repository:team/other:pull"},
+    )
+    fake = FakeRegistry()
+    client = _client(fake, credentials={REGISTRY: RegistryCredential("alice", "pw-alice")})
+    remember = client._remember_challenge
+
+    def remembered_then_overwritten(registry: str, challenges: Sequence[Challenge]) -> Challenge | None:
+        chosen = remember(registry, challenges)
+        client._challenges[registry] = other  # a concurrent request for team/other, just now
+        return chosen
+
+    client._remember_challenge = remembered_then_overwritten  # type: ignore[method-assign]
+    resolved = client.resolve(REF, platform=Platform())
+    assert resolved.manifest.digest == fake.image.manifest_digest
+    assert [r.url.params["scope"] for r in fake.token_requests] == ["repository:team/app:pull"]
 
 
 def test_bearer_flow_with_basic_credentials_and_token_cache() -> None:
