@@ -139,30 +139,42 @@ class Posting(set["CacheEntry"]):
     """The caches holding one match key: a set (for intersections) and a list in TKE's order.
 
     The order (smaller cache, newer, name) lets EXACT take the best caches holding a common image
-    from the front instead of sorting thousands per request; `max_bytes` bounds the key's bytes
-    over the entries for the partial policies' early stop (never lowered on removal, so it stays
-    a valid bound).
+    from the front instead of sorting thousands per request. It is built at first use (only the
+    postings of common images are ever walked) and kept in order from then on. `max_bytes`
+    bounds the key's bytes over the entries for the partial policies' early stop (never lowered
+    on removal, so it stays a valid bound).
     """
 
-    __slots__ = ("max_bytes", "ordered")
+    __slots__ = ("_ordered", "max_bytes")
 
     def __init__(self) -> None:
         super().__init__()
         self.max_bytes = 0
-        self.ordered: list[CacheEntry] = []
+        self._ordered: list[CacheEntry] | None = None
+
+    @property
+    def ordered(self) -> list[CacheEntry]:
+        """The entries in TKE's order."""
+        ordered = self._ordered
+        if ordered is None:
+            ordered = self._ordered = sorted(self, key=_exact_order)
+        return ordered
 
     def file(self, entry: CacheEntry, compressed_bytes: int) -> None:
-        """Add ``entry`` at its place in the order."""
+        """Add ``entry`` (at its place in the order, once there is one)."""
         self.add(entry)
-        bisect.insort(self.ordered, entry, key=_exact_order)
+        if self._ordered is not None:
+            bisect.insort(self._ordered, entry, key=_exact_order)
         self.max_bytes = max(self.max_bytes, compressed_bytes)
 
     def unfile(self, entry: CacheEntry) -> None:
         """Take ``entry`` out."""
         self.discard(entry)
-        at = bisect.bisect_left(self.ordered, entry.exact_order, key=_exact_order)
-        if at < len(self.ordered) and self.ordered[at] is entry:
-            del self.ordered[at]
+        ordered = self._ordered
+        if ordered is not None:
+            at = bisect.bisect_left(ordered, entry.exact_order, key=_exact_order)
+            if at < len(ordered) and ordered[at] is entry:
+                del ordered[at]
 
 
 EMPTY_POSTING = Posting()
@@ -313,6 +325,19 @@ class CacheIndex:
         del self._entries[name]
         return True
 
+    def warm(self, *, min_size: int) -> int:
+        """Order every posting of at least ``min_size`` caches now; return how many.
+
+        Called by the follower after a full load, so the first pods of common images do not pay
+        for the sort.
+        """
+        warmed = 0
+        for posting in list(self._postings.values()):
+            if len(posting) >= min_size:
+                _ = posting.ordered
+                warmed += 1
+        return warmed
+
     def advance(self, revision: int) -> None:
         """The feed reached ``revision`` with nothing else to apply."""
         self.revision = max(self.revision, revision)
@@ -341,9 +366,8 @@ class CacheIndex:
 class IndexBuilder:
     """Builds a fresh index from a full load, entry by entry as pages arrive.
 
-    Entries go into the postings' sets at once (so the work overlaps with fetching the next
-    page); the TKE-ordered lists are filled at the end from one sort of all entries, which is
-    cheaper than keeping 20,000 lists sorted along the way.
+    Entries go into the postings' sets at once, so the work overlaps with fetching the next
+    page; the TKE-ordered lists are left to first use (see `Posting`, and `CacheIndex.warm`).
     """
 
     def __init__(self, pool: ImagePool) -> None:
@@ -382,15 +406,7 @@ class IndexBuilder:
                 self.add(entry)
         index = CacheIndex(self._pool)
         index._entries = self._latest
-        ready = 0
-        for entry in sorted(self._latest.values(), key=_exact_order):
-            if entry.state is CacheState.READY:
-                ready += 1
-            for image in entry.images:
-                for key in image.keys:
-                    ordered = self._postings[key].ordered
-                    if not ordered or ordered[-1] is not entry:  # two images, one key: once
-                        ordered.append(entry)
+        ready = sum(1 for entry in self._latest.values() if entry.state is CacheState.READY)
         index.ready_count = ready
         index.revision = max((entry.revision for entry in self._latest.values()), default=0)
         index._postings = self._postings

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import grpc
 
 from services.matcher.index import CacheIndex, ImagePool, IndexBuilder
+from services.matcher.matching import WALK_FIRST
 from services.matcher.messages import entry_from_cache
 from snapcache.errors import Unavailable
 from snapcache.v1 import cache_registry_pb2 as api
@@ -175,6 +176,8 @@ class IndexSync:
                 if need_full:
                     self.load_once()
                     need_full = False
+                    # answers are already right; this only spares the first pods the sorts
+                    self._index.warm(min_size=WALK_FIRST)
                     backoff = self._settings.backoff_initial_seconds
                 self._follow()
                 backoff = self._settings.backoff_initial_seconds
