@@ -359,6 +359,8 @@ def test_index_updates_equal_a_fresh_build(data: st.DataObject) -> None:
     current: dict[str, RefCache] = {}
     index = CacheIndex(pool)
     for revision in range(1, data.draw(st.integers(1, 25)) + 1):
+        if data.draw(st.booleans(), label="warm"):  # ordered lists exist from here on: kept in order
+            index.warm(min_size=0)
         number = data.draw(st.integers(0, 5))
         name = f"imageCaches/imc-{number:08d}"
         if data.draw(st.booleans()) or name not in current:
@@ -381,6 +383,9 @@ def test_index_updates_equal_a_fresh_build(data: st.DataObject) -> None:
         assert {r.entry.name for r in a.rejections} == {r.entry.name for r in b.rejections}
     assert len(index) == len(current)
     assert index.ready_count == sum(1 for c in current.values() if c.state is CacheState.READY)
+    keys = {key for cache in current.values() for image in cache.images for key in image.keys}
+    for key in keys:
+        assert [e.name for e in index.posting(key).ordered] == [e.name for e in fresh.posting(key).ordered]
 
 
 def _fields(entry: CacheEntry) -> dict[str, object]:
