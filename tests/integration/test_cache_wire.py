@@ -21,9 +21,7 @@ from google.protobuf import field_mask_pb2
 from google.protobuf.message import Message
 
 from services.cache_registry import store
-from services.cache_registry.credential_refs import resolve_local_credentials
 from services.cache_registry.database import MIGRATIONS, Database, make_engine, migrate
-from services.cache_registry.feed import CommitSignal
 from services.cache_registry.filtering import parse_filter
 from services.cache_registry.messages import ImageCacheWire, encode_cache
 from services.cache_registry.model import (
@@ -34,15 +32,10 @@ from services.cache_registry.model import (
     CacheState,
     ImageCache,
 )
-from services.cache_registry.service import CacheRegistry, RegistrySettings
-from services.cache_registry.servicer import SERVICE_NAME, CacheRegistryServicer
-from services.cache_registry.worker import LifecycleWorker, WorkerSettings
-from snapcache.grpc_server import ServiceBinding, create_server
 from snapcache.v1 import cache_registry_pb2 as api
-from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
 from snapcache.v1 import image_cache_pb2 as pb
 from tests.support.fake_provider import FakeProvider
-from tests.support.registry_harness import Harness, ManualClock, close_harness
+from tests.support.registry_harness import Harness, build_harness, close_harness
 
 WIRE = ImageCacheWire()
 SERVICE = "/snapcache.v1.CacheRegistryService/"
@@ -50,48 +43,8 @@ LABELS = {"team": "web", "app": "shop", "tier": "frontend", "zone": "eu"}
 
 
 def build(url: str, *, encoder: store.CacheEncoder | None) -> Harness:
-    """A registry like `tests.support.registry_harness`'s, its service and worker given ``encoder``."""
-    engine = make_engine(url)
-    migrate(engine)
-    database = Database(engine)
-    signal = CommitSignal()
-    clock = ManualClock()
-    provider = FakeProvider()
-    registry = CacheRegistry(
-        database=database,
-        provider=provider,
-        signal=signal,
-        clock=clock,
-        settings=RegistrySettings(watch_poll_seconds=0.05, watch_heartbeat_seconds=0.2),
-        encoder=encoder,
-    )
-    worker = LifecycleWorker(
-        database=database,
-        provider=provider,
-        signal=signal,
-        clock=clock,
-        settings=WorkerSettings(owner="test-worker", retry_base_seconds=1.0, progress_interval_seconds=0.0),
-        resolve_credentials=resolve_local_credentials,
-        encoder=encoder,
-    )
-    servicer = CacheRegistryServicer(registry)
-    server = create_server(
-        "127.0.0.1:0",
-        [ServiceBinding(SERVICE_NAME, api_grpc.add_CacheRegistryServiceServicer_to_server, servicer)],
-        max_workers=8,
-    )
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    return Harness(
-        database=database,
-        provider=provider,
-        registry=registry,
-        worker=worker,
-        server=server,
-        stub=api_grpc.CacheRegistryServiceStub(channel),
-        channel=channel,
-        clock=clock,
-        signal=signal,
-    )
+    """The test harness's registry, its service and worker given ``encoder``."""
+    return build_harness(url, FakeProvider(), encoder=encoder)
 
 
 @pytest.fixture(params=["wired", "unwired"])

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 
+from services.cache_registry import store
 from services.cache_registry.credential_refs import resolve_local_credentials
 from services.cache_registry.database import Database, make_engine, migrate
 from services.cache_registry.feed import CommitSignal
@@ -58,8 +59,18 @@ class Harness:
             self.worker.wait_idle(timeout=10)
 
 
-def build_harness(url: str, provider: FakeProvider, settings: RegistrySettings | None = None) -> Harness:
-    """Assemble a harness (also used by tests that need two registries on one database)."""
+def build_harness(
+    url: str,
+    provider: FakeProvider,
+    settings: RegistrySettings | None = None,
+    *,
+    encoder: store.CacheEncoder | None = None,
+) -> Harness:
+    """Assemble a harness (also used by tests that need two registries on one database).
+
+    ``encoder``: the wire form the service and worker store with each version (as
+    `services.cache_registry.server` wires it); None leaves encoding to the gRPC edge.
+    """
     engine = make_engine(url)
     migrate(engine)
     database = Database(engine)
@@ -71,6 +82,7 @@ def build_harness(url: str, provider: FakeProvider, settings: RegistrySettings |
         signal=signal,
         clock=clock,
         settings=settings or RegistrySettings(watch_poll_seconds=0.05, watch_heartbeat_seconds=0.2),
+        encoder=encoder,
     )
     worker = LifecycleWorker(
         database=database,
@@ -79,6 +91,7 @@ def build_harness(url: str, provider: FakeProvider, settings: RegistrySettings |
         clock=clock,
         settings=WorkerSettings(owner="test-worker", retry_base_seconds=1.0, progress_interval_seconds=0.0),
         resolve_credentials=resolve_local_credentials,
+        encoder=encoder,
     )
     server = create_server(
         "127.0.0.1:0",
