@@ -2,7 +2,7 @@
 
 Three Nodes in three zones; a cache AVAILABLE only in zone-a (the provider's copies to zone-b and
 zone-c fail). The scheduler (a second profile, `snapcache-scheduler`, configured from
-deploy/scheduler/snapcache-scheduler.yaml rendered as v1beta1) calls the extender in NodeNames
+deploy/base/scheduler/snapcache-scheduler.yaml rendered as v1beta1) calls the extender in NodeNames
 mode; the extender knows node zones from its own list + watch of the apiserver and writes events
 on the pods. Each test works in a namespace of its own; the cluster is shared by the session.
 """
@@ -34,7 +34,7 @@ from tests.support.registry_harness import Harness, build_harness, close_harness
 
 pytestmark = pytest.mark.e2e
 
-DEPLOY = Path(__file__).parents[2] / "deploy" / "scheduler" / "snapcache-scheduler.yaml"
+DEPLOY = Path(__file__).parents[2] / "deploy" / "base" / "scheduler" / "snapcache-scheduler.yaml"
 SCHEDULER_NAME = "snapcache-scheduler"
 ZONES = ("zone-a", "zone-b", "zone-c")
 CACHE = "imc-0000000a"  # busybox:1.36 + nginx:1.25, AVAILABLE in zone-a only
