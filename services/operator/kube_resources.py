@@ -1,0 +1,330 @@
+"""ImageCache resources through the Kubernetes API: followed in memory, and the operator's writes.
+
+The only module of the operator that imports the Kubernetes client (checked by `.importlinter`).
+Reads: one list, then a watch from its resourceVersion (bookmarks on; a dropped watch resumes
+from the last version seen, a 410 Gone relists), into a map by name that the reconciler reads, so
+a reconcile costs no API read. Writes, with exactly the verbs of deploy/base/operator/rbac.yaml:
+finalizers by a merge patch guarded by resourceVersion (409 -> `ResourceConflict`), status by a
+merge patch of the status subresource, events by create. The answer of every write goes back into
+the map (unless the watch already brought something newer), so the next reconcile sees it.
+
+The operator never reads Secrets; ImageCaches only name them. API errors are logged with their
+status and reason, never their response bodies.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import urllib3
+import yaml
+from kubernetes import client as kube_client
+from kubernetes import config as kube_config
+from kubernetes import watch as kube_watch
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from services.operator.model import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    EventSpec,
+    ImageCacheResource,
+    KubeUnavailable,
+    ResourceConflict,
+    ResourceGone,
+)
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "snapcache-operator"
+# Events of a cluster-scoped object go to namespace default (as kubectl and the scheduler do for Nodes).
+EVENTS_NAMESPACE = "default"
+_GONE = 410
+_REQUEST_TIMEOUT = 15
+
+
+def kube_api_client(*, kubeconfig: Path | None, in_cluster: bool) -> kube_client.ApiClient:
+    """An API client from a kubeconfig or the pod's service account; a bad one is a ValueError."""
+    configuration = kube_client.Configuration()
+    try:
+        if in_cluster:
+            loader = kube_config.incluster_config.InClusterConfigLoader(  # type: ignore[no-untyped-call]
+                token_filename=kube_config.incluster_config.SERVICE_TOKEN_FILENAME,
+                cert_filename=kube_config.incluster_config.SERVICE_CERT_FILENAME,
+                environ=os.environ,
+            )
+            loader.load_and_set(configuration)  # type: ignore[no-untyped-call]
+        else:
+            kube_config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=str(kubeconfig), client_configuration=configuration
+            )
+    except (ConfigException, OSError, ValueError, TypeError, AttributeError, yaml.YAMLError) as exc:
+        where = "the in-cluster configuration" if in_cluster else f"kubeconfig {kubeconfig}"
+        raise ValueError(f"cannot use {where}: {type(exc).__name__}: {exc}") from None
+    configuration.retries = 1
+    return kube_client.ApiClient(configuration)
+
+
+def _newer(candidate: str, held: str) -> bool:
+    """Whether resourceVersion ``candidate`` is not older than ``held``.
+
+    resourceVersions are opaque; etcd's are integers, and comparing them only keeps the map from
+    going back to an older version when a write's answer and the watch cross. Non-integers: the
+    later arrival wins.
+    """
+    try:
+        return int(candidate) >= int(held)
+    except ValueError:
+        return True
+
+
+def _json_object(value: object) -> Mapping[str, Any]:
+    """The client types custom objects as ``object``; they are JSON objects (dicts)."""
+    if not isinstance(value, Mapping):
+        raise KubeUnavailable(f"the API server answered {type(value).__name__}, not an object")
+    return value
+
+
+def _api_failure(exc: ApiException) -> Exception:
+    status = exc.status or 0
+    if status == 409:
+        return ResourceConflict(f"HTTP 409 {exc.reason}")
+    if status == 404:
+        return ResourceGone(f"HTTP 404 {exc.reason}")
+    return KubeUnavailable(f"HTTP {status} {exc.reason}")
+
+
+class ImageCacheResources:
+    """The cluster's ImageCaches, followed in a thread, and the writes the reconciler makes."""
+
+    def __init__(
+        self,
+        api_client: kube_client.ApiClient,
+        *,
+        on_change: Callable[[str], None],
+        watch_timeout_seconds: int = 60,
+        retry_seconds: float = 1.0,
+        max_retry_seconds: float = 30.0,
+    ) -> None:
+        self._api = api_client
+        self._custom = kube_client.CustomObjectsApi(api_client)
+        self._core = kube_client.CoreV1Api(api_client)
+        self._on_change = on_change
+        self._objects: dict[str, ImageCacheResource] = {}
+        self._lock = threading.Lock()
+        self._synced = threading.Event()
+        self._stopping = threading.Event()
+        self._watch_timeout = watch_timeout_seconds
+        self._retry = retry_seconds
+        self._max_retry = max_retry_seconds
+        self._thread: threading.Thread | None = None
+        self._watch: kube_watch.Watch | None = None
+        self.server = str(api_client.configuration.host)
+        self.relists = 0
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def get(self, name: str) -> ImageCacheResource | None:
+        """The resource as last seen, or None."""
+        with self._lock:
+            return self._objects.get(name)
+
+    def names(self) -> list[str]:
+        """Every resource's name."""
+        with self._lock:
+            return list(self._objects)
+
+    def name_for_uid(self, uid: str) -> str | None:
+        """The name of the resource with this uid, if it is known."""
+        with self._lock:
+            for resource in self._objects.values():
+                if resource.uid == uid:
+                    return resource.name
+        return None
+
+    def synced(self) -> bool:
+        """True once the first list has been loaded."""
+        return self._synced.is_set()
+
+    def wait_synced(self, timeout: float) -> bool:
+        """Wait for the first list."""
+        return self._synced.wait(timeout)
+
+    # --- following -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start following the resources."""
+        self._thread = threading.Thread(target=self._run, name="operator-imagecaches", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop following and close the client."""
+        self._stopping.set()
+        if self._watch is not None:
+            self._watch.stop()  # type: ignore[no-untyped-call]
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        self._api.close()  # type: ignore[no-untyped-call]
+
+    def _run(self) -> None:
+        version = ""
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                if not version:
+                    version = self._list()
+                version = self._follow(version)
+                failures = 0
+                continue
+            except ApiException as exc:
+                if exc.status == _GONE:
+                    log.info("ImageCache watch expired (410 Gone); relisting")
+                    version = ""
+                    continue
+                # 403 without RBAC, 404 without the CRD: say so and keep trying
+                log.warning("ImageCaches: Kubernetes API error %s %s; retrying", exc.status, exc.reason)
+            except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+                log.warning("ImageCaches: cannot reach the Kubernetes API (%s); retrying", type(exc).__name__)
+            except Exception:  # outlive a bug: relist and go on
+                log.exception("following ImageCaches failed; relisting")
+                version = ""
+            failures += 1
+            self._stopping.wait(min(self._retry * 2 ** min(failures - 1, 10), self._max_retry))
+
+    def _list(self) -> str:
+        document = _json_object(
+            self._custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, _request_timeout=60)
+        )
+        fresh = {}
+        for item in document.get("items") or ():
+            resource = ImageCacheResource.from_object(item)
+            fresh[resource.name] = resource
+        with self._lock:
+            gone = set(self._objects) - set(fresh)
+            self._objects = fresh
+        self.relists += 1
+        self._synced.set()
+        version = str((document.get("metadata") or {}).get("resourceVersion") or "")
+        log.info("listed %d ImageCaches at resourceVersion %s", len(fresh), version)
+        for name in [*fresh, *gone]:
+            self._on_change(name)
+        return version
+
+    def _follow(self, version: str) -> str:
+        self._watch = kube_watch.Watch()  # type: ignore[no-untyped-call]
+        for event in self._watch.stream(  # type: ignore[no-untyped-call]
+            self._custom.list_cluster_custom_object,
+            GROUP,
+            VERSION,
+            PLURAL,
+            resource_version=version,
+            timeout_seconds=self._watch_timeout,
+            allow_watch_bookmarks=True,
+            _request_timeout=self._watch_timeout + 10,
+        ):
+            if self._stopping.is_set():
+                break
+            kind = event.get("type")
+            raw: Mapping[str, Any] = event.get("raw_object") or {}
+            if kind == "ERROR":
+                raise ApiException(status=int(raw.get("code") or 500), reason=str(raw.get("reason")))
+            metadata = raw.get("metadata") or {}
+            version = str(metadata.get("resourceVersion") or version)
+            if kind == "BOOKMARK" or not metadata.get("name"):
+                continue
+            resource = ImageCacheResource.from_object(raw)
+            with self._lock:
+                if kind == "DELETED":
+                    self._objects.pop(resource.name, None)
+                else:
+                    self._objects[resource.name] = resource
+            self._on_change(resource.name)
+        return version
+
+    def _remember(self, obj: Mapping[str, Any]) -> ImageCacheResource:
+        resource = ImageCacheResource.from_object(obj)
+        with self._lock:
+            held = self._objects.get(resource.name)
+            if (
+                held is None
+                or held.uid != resource.uid
+                or _newer(resource.resource_version, held.resource_version)
+            ):
+                self._objects[resource.name] = resource
+        return resource
+
+    # --- writing (the reconciler's `Resources` port) --------------------------------------------
+
+    def set_finalizers(self, resource: ImageCacheResource, finalizers: tuple[str, ...]) -> ImageCacheResource:
+        """Write the finalizer list, if the resource has not changed since it was read."""
+        body = {"metadata": {"finalizers": list(finalizers), "resourceVersion": resource.resource_version}}
+        try:
+            answer = self._custom.patch_cluster_custom_object(
+                GROUP, VERSION, PLURAL, resource.name, body, _request_timeout=_REQUEST_TIMEOUT
+            )
+        except ApiException as exc:
+            raise _api_failure(exc) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise KubeUnavailable(type(exc).__name__) from None
+        return self._remember(_json_object(answer))
+
+    def patch_status(self, resource: ImageCacheResource, patch: Mapping[str, Any]) -> None:
+        """Merge-patch the status subresource."""
+        try:
+            answer = self._custom.patch_cluster_custom_object_status(
+                GROUP,
+                VERSION,
+                PLURAL,
+                resource.name,
+                {"status": dict(patch)},
+                _request_timeout=_REQUEST_TIMEOUT,
+            )
+        except ApiException as exc:
+            raise _api_failure(exc) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise KubeUnavailable(type(exc).__name__) from None
+        self._remember(_json_object(answer))
+
+    def record_event(self, resource: ImageCacheResource, event: EventSpec) -> None:
+        """Create an event on the resource; a failure is logged, never raised (events are best effort)."""
+        now = datetime.datetime.now(datetime.UTC)
+        body = kube_client.CoreV1Event(
+            metadata=kube_client.V1ObjectMeta(generate_name=f"{resource.name[:200]}."),
+            involved_object=kube_client.V1ObjectReference(
+                api_version=API_VERSION,
+                kind=KIND,
+                name=resource.name,
+                uid=resource.uid,
+                resource_version=resource.resource_version or None,
+            ),
+            reason=event.reason,
+            message=event.message[:1024],
+            type=event.type,
+            source=kube_client.V1EventSource(component=COMPONENT),
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+        )
+        try:
+            self._core.create_namespaced_event(EVENTS_NAMESPACE, body, _request_timeout=_REQUEST_TIMEOUT)
+        except ApiException as exc:
+            log.warning(
+                "cannot record event %s on ImageCache %s: HTTP %s %s",
+                event.reason,
+                resource.name,
+                exc.status,
+                exc.reason,
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            log.warning(
+                "cannot record event %s on ImageCache %s: %s", event.reason, resource.name, type(exc).__name__
+            )
