@@ -168,9 +168,11 @@ def test_every_container_has_probes_on_what_it_serves(overlay: str) -> None:
                 else:
                     port = probe["httpGet"]["port"]
                     assert port in ports or port in ports.values(), where
-    extender = deployment(objects, "extender")
-    [container] = containers(extender)
-    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    [extender] = containers(deployment(objects, "extender"))
+    assert extender["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    [operator] = containers(deployment(objects, "operator"))
+    assert operator["readinessProbe"]["httpGet"]["path"] == "/readyz"  # ImageCaches and caches loaded
+    assert operator["livenessProbe"]["httpGet"]["path"] == "/healthz"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -302,6 +304,8 @@ def test_args_are_accepted_by_the_cli(
     if component == "operator":
         assert parsed.command == "operator"
         assert parsed.registry == registry_address
+        assert parsed.in_cluster is True  # reads and writes ImageCache CRs
+        assert flag_port(parsed.metrics_listen) in ports  # also /healthz and /readyz, the probes'
         return
     assert parsed.command == "serve"
     assert parsed.only == component

@@ -17,6 +17,8 @@ from services.matcher.index_sync import SyncStatus
 from services.matcher.metrics import MatcherMetrics
 from services.matcher.server import FEED_HEALTH_NAME
 from services.matcher.servicer import SERVICE_NAME as MATCHER_SERVICE
+from services.operator.cache_feed import FeedStatus
+from services.operator.metrics import OperatorMetrics
 
 GUIDE = Path(__file__).parents[2] / "docs" / "operations.md"
 
@@ -47,7 +49,13 @@ def test_guide_names_exactly_the_metrics_that_exist() -> None:
     extender = ExtenderMetrics(node_cache_synced=lambda: True, node_cache_size=lambda: 1)
     extender.request("filter", 200)  # labelled counters show only once a child exists
     extender.fail_open("UNAVAILABLE")
-    metrics = exposed(MatcherMetrics(lambda: status, lambda: 0).registry) | exposed(extender.registry)
+    feed = FeedStatus(synced=True, live=True, revision=1, staleness_seconds=0.0, reloads=1)
+    operator = OperatorMetrics(feed=lambda: feed, sizes=dict, ready=lambda: True)
+    metrics = (
+        exposed(MatcherMetrics(lambda: status, lambda: 0).registry)
+        | exposed(extender.registry)
+        | exposed(operator.registry)
+    )
     named = set(re.findall(r"\bsnapcache_[a-z_]*[a-z]", GUIDE.read_text()))
     assert named - metrics == set(), "the guide names metrics that do not exist"
     assert metrics - named == set(), "metrics the guide does not explain"
