@@ -15,6 +15,7 @@ status and reason, never their response bodies.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import threading
@@ -38,7 +39,7 @@ from services.operator.model import (
     VERSION,
     EventSpec,
     ImageCacheResource,
-    KubeUnavailable,
+    KubeApiError,
     ResourceConflict,
     ResourceGone,
 )
@@ -90,8 +91,18 @@ def _newer(candidate: str, held: str) -> bool:
 def _json_object(value: object) -> Mapping[str, Any]:
     """The client types custom objects as ``object``; they are JSON objects (dicts)."""
     if not isinstance(value, Mapping):
-        raise KubeUnavailable(f"the API server answered {type(value).__name__}, not an object")
+        raise KubeApiError(f"the API server answered {type(value).__name__}, not an object")
     return value
+
+
+def _status_message(body: object) -> str:
+    """The API server's own `Status.message` (it names the object, field and verb)."""
+    try:
+        status = json.loads(body) if isinstance(body, str | bytes) else None
+    except ValueError:
+        return ""
+    message = status.get("message", "") if isinstance(status, dict) else ""
+    return message if isinstance(message, str) else ""
 
 
 def _api_failure(exc: ApiException) -> Exception:
@@ -100,7 +111,8 @@ def _api_failure(exc: ApiException) -> Exception:
         return ResourceConflict(f"HTTP 409 {exc.reason}")
     if status == 404:
         return ResourceGone(f"HTTP 404 {exc.reason}")
-    return KubeUnavailable(f"HTTP {status} {exc.reason}")
+    said = _status_message(exc.body)
+    return KubeApiError(f"HTTP {status} {exc.reason}" + (f": {said}" if said else ""))
 
 
 class ImageCacheResources:
@@ -186,6 +198,8 @@ class ImageCacheResources:
                 failures = 0
                 continue
             except ApiException as exc:
+                if self._stopping.is_set():
+                    break
                 if exc.status == _GONE:
                     log.info("ImageCache watch expired (410 Gone); relisting")
                     version = ""
@@ -193,6 +207,8 @@ class ImageCacheResources:
                 # 403 without RBAC, 404 without the CRD: say so and keep trying
                 log.warning("ImageCaches: Kubernetes API error %s %s; retrying", exc.status, exc.reason)
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+                if self._stopping.is_set():
+                    break
                 log.warning("ImageCaches: cannot reach the Kubernetes API (%s); retrying", type(exc).__name__)
             except Exception:  # outlive a bug: relist and go on
                 log.exception("following ImageCaches failed; relisting")
@@ -274,7 +290,7 @@ class ImageCacheResources:
         except ApiException as exc:
             raise _api_failure(exc) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise KubeUnavailable(type(exc).__name__) from None
+            raise KubeApiError(type(exc).__name__) from None
         return self._remember(_json_object(answer))
 
     def patch_status(self, resource: ImageCacheResource, patch: Mapping[str, Any]) -> None:
@@ -291,7 +307,7 @@ class ImageCacheResources:
         except ApiException as exc:
             raise _api_failure(exc) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise KubeUnavailable(type(exc).__name__) from None
+            raise KubeApiError(type(exc).__name__) from None
         self._remember(_json_object(answer))
 
     def record_event(self, resource: ImageCacheResource, event: EventSpec) -> None:

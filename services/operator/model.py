@@ -178,5 +178,5 @@ class ResourceGone(Exception):
     """The ImageCache no longer exists (HTTP 404)."""
 
 
-class KubeUnavailable(Exception):
-    """The Kubernetes API could not be reached or answered with a server error."""
+class KubeApiError(Exception):
+    """The Kubernetes API could not be reached, or refused a write for a reason other than a conflict."""

@@ -23,7 +23,7 @@ from services.operator.model import (
     CacheView,
     EventSpec,
     ImageCacheResource,
-    KubeUnavailable,
+    KubeApiError,
     RegistryRefusal,
     ResourceConflict,
     ResourceGone,
@@ -132,8 +132,8 @@ class Reconciler:
         except ResourceGone:
             self._failures.pop(name, None)
             return None
-        except KubeUnavailable as exc:
-            log.warning("ImageCache %s: Kubernetes API unavailable (%s); retrying", name, exc)
+        except KubeApiError as exc:
+            log.warning("ImageCache %s: Kubernetes API error (%s); retrying", name, exc)
             return self._backoff(name)
         if outcome.again:
             return 0.0

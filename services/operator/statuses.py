@@ -85,13 +85,16 @@ def _progress(cache: CacheView) -> dict[str, Any]:
         percent = min(100, progress.bytes_done * 100 // progress.bytes_total)
     else:
         percent = 0
-    return {
-        "phase": progress.phase,
+    shown: dict[str, Any] = {
         "percent": percent,
         "bytesDone": progress.bytes_done,
         "bytesTotal": progress.bytes_total,
         "attempt": progress.attempt,
     }
+    # no build phase: the key is left out, as the API server (1.20) refuses "" in a status string
+    if progress.phase:
+        shown["phase"] = progress.phase
+    return shown
 
 
 def _kept(resource: ImageCacheResource, cache_id: str) -> bool:

@@ -328,6 +328,22 @@ def test_ready_is_100_percent_and_permanent_caches_have_no_expiry() -> None:
     assert "expireDateTime" not in status
 
 
+def test_no_empty_strings_in_a_status() -> None:
+    """The API server (1.20) refuses "" in a status string field: absent keys instead."""
+
+    def strings(value: Any) -> list[str]:
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    for found in (cache(CacheState.DELETING), cache(zones=(ZoneAvailability("a", "HYDRATING"),)), None):
+        for res in (resource(), resource(deleting=True)):
+            status = status_for(resource=res, cache_id=CACHE_ID, cache=found, sync=APPLIED, now=NOW)
+            assert "" not in strings(status), status
+
+
 def test_transition_times_stay_while_a_condition_keeps_its_status() -> None:
     first = status_for(
         resource=resource(), cache_id=CACHE_ID, cache=cache(CacheState.CREATING), sync=APPLIED, now=NOW
