@@ -69,8 +69,16 @@ class OperatorApp:
         self.resources = ImageCacheResources(
             api_client, on_change=self.queue.add, watch_timeout_seconds=config.watch_timeout_seconds
         )
+        # gRPC's default reconnect backoff grows to two minutes: a restarted registry would leave
+        # statuses stale (and changes unapplied) that long
         self.channel = grpc.insecure_channel(
-            config.registry_target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+            config.registry_target,
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+            ],
         )
         self.feed = CacheFeed(
             self.channel,
