@@ -346,8 +346,10 @@ def _explain_more(
     Counts first (cheap), then builds rejections only for the closest of those examined.
     """
     budget = max(EXPLAIN_BUDGET, 2 * request.max_rejections)
-    examined: list[tuple[tuple[int, RankKey], CacheEntry]] = []
+    examined: list[tuple[tuple[int, RankKey], CacheEntry, int]] = []
     cut = False
+    postings = tuple(postings)
+    by_bytes = request.policy is Policy.BYTES_COVERED
     for posting in postings:
         for entry in posting:
             if entry in seen:
@@ -356,13 +358,18 @@ def _explain_more(
                 cut = True
                 break
             seen.add(entry)
-            count, bytes_covered = _count(entry, request)
-            examined.append(((-count, rank_key(request.policy, entry, count, bytes_covered)), entry))
+            if by_bytes:
+                count, bytes_covered = _count(entry, request)
+            else:
+                # Set membership (a C-level hash probe per image) instead of scanning the
+                # cache's images for each key.
+                count, bytes_covered = sum(entry in other for other in postings), 0
+            key = (-count, rank_key(request.policy, entry, count, bytes_covered))
+            examined.append((key, entry, bytes_covered))
         if cut:
             break
     closest = heapq.nsmallest(request.max_rejections, examined, key=itemgetter(0))
-    for (negative_count, (_, _, _, _)), entry in closest:
-        _, bytes_covered = _count(entry, request)
+    for (negative_count, _), entry, bytes_covered in closest:
         rejections.offer(entry, -negative_count, bytes_covered, partial(_rejection, entry, request, now_ns))
     if len(examined) > len(closest):
         rejections.overflow = True

@@ -212,7 +212,8 @@ def test_registry_restart_does_not_interrupt_matching_and_the_index_catches_up(
     def serving(name: str) -> int:
         return health.Check(health_pb2.HealthCheckRequest(service=name)).status
 
-    assert serving(FEED_HEALTH_NAME) == health_pb2.HealthCheckResponse.SERVING
+    # the watchdog publishes the feed's health every status_check_seconds
+    eventually(lambda: serving(FEED_HEALTH_NAME) == health_pb2.HealthCheckResponse.SERVING, what="feed live")
 
     harness.server.stop(0)
     # while the registry is down, answers keep coming from the last known state
