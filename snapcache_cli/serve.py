@@ -297,6 +297,14 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
         help="sqlite:///PATH or postgresql://USER@HOST/DB (default SQLite in the data directory)",
     )
     serve.add_argument(
+        "--instance-id",
+        default=os.environ.get("SNAPCACHE_INSTANCE_ID", ""),
+        metavar="ID",
+        help="this registry's identity in work leases, stable across restarts so a restarted registry "
+        "resumes its own builds at once (default $SNAPCACHE_INSTANCE_ID, else host name + data directory; "
+        "a pod's host name changes when it is replaced)",
+    )
+    serve.add_argument(
         "--zone",
         type=_zone,
         action="append",
@@ -373,6 +381,7 @@ def registry_config(args: argparse.Namespace) -> RegistryConfig:
         database_url=database_url(args.database_url),
         zones=tuple(args.zone or DEFAULT_ZONES),
         max_concurrent_builds=args.max_concurrent_builds,
+        instance_id=args.instance_id,
         **kube,
     )
 
