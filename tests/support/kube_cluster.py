@@ -173,6 +173,7 @@ class KubeCluster:
     ca_path: Path
     tokens: Mapping[str, str]
     workdir: Path
+    etcd_url: str  # the apiserver's etcd (tests that compact its history)
     _stack: contextlib.ExitStack
 
     @property
@@ -323,6 +324,10 @@ def _start_apiserver(workdir: Path, etcd_url: str, tokens: Mapping[str, str]) ->
             f"--service-account-signing-key-file={workdir / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
             "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",
+            # Node watches straight from etcd: a test compacts etcd's history to get the 410 Gone a
+            # watcher that was away too long gets. The watch cache would keep every node change of
+            # a short test and serve it, never answering 410.
+            "--watch-cache-sizes=nodes#0",
             "--v=1",
         ],
         workdir / "kube-apiserver.log",
@@ -359,7 +364,9 @@ def running_cluster(workdir: Path, *, timeout: float = 90.0) -> Iterator[KubeClu
         _wait_until(apiserver, apiserver_ready, what="kube-apiserver", timeout=timeout, also=[etcd])
         # schedulers started later are stopped first (ExitStack order), before the apiserver
         cluster_stack = stack.enter_context(contextlib.ExitStack())
-        yield KubeCluster(url=url, ca_path=ca_path, tokens=tokens, workdir=workdir, _stack=cluster_stack)
+        yield KubeCluster(
+            url=url, ca_path=ca_path, tokens=tokens, workdir=workdir, etcd_url=etcd_url, _stack=cluster_stack
+        )
 
 
 @pytest.fixture(scope="session")
