@@ -3,10 +3,12 @@
 Load: List every page (the first page's revision is where the feed resumes) and keep the caches
 made for an ImageCache (those carrying the owner-uid label). Follow: WatchImageCaches from that
 revision, recording each change and telling the operator which cache changed. A dropped stream
-resumes from the last revision received; OUT_OF_RANGE (the revision was compacted, or is ahead
-of a registry that lost its database) gets a full reload, after which every ImageCache is looked
-at again. A stream that stays silent past the live window (the registry sends a heartbeat every
-few seconds) is dropped by `check` and reconnects. No polling: between changes nothing is asked.
+resumes from the last revision received, and once it answers again every ImageCache is looked at
+(those backing off after the outage need not wait out their delay). OUT_OF_RANGE (the revision
+was compacted, or is ahead of a registry that lost its database) gets a full reload, after which
+every ImageCache is looked at too. A stream that stays silent past the live window (the registry
+sends a heartbeat every few seconds) is dropped by `check` and reconnects. No polling: between
+changes nothing is asked.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 import grpc
 
 from services.operator.cache_book import CacheBook
-from services.operator.model import CacheView
+from services.operator.model import OWNER_UID_LABEL, CacheView
 from services.operator.registry_client import cache_view
 from snapcache.v1 import cache_registry_pb2 as api
 from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
@@ -64,13 +66,14 @@ class CacheFeed:
         *,
         book: CacheBook,
         on_change: Callable[[CacheView], None],
-        on_reload: Callable[[], None],
+        on_resync: Callable[[], None],
         settings: FeedSettings | None = None,
     ) -> None:
         self._stub = api_grpc.CacheRegistryServiceStub(channel)
         self._book = book
         self._on_change = on_change
-        self._on_reload = on_reload
+        self._on_resync = on_resync  # after a full load, and when the feed answers again after an outage
+        self._recovering = False
         self._settings = settings or FeedSettings()
         self._lock = threading.Lock()
         self._synced = threading.Event()
@@ -143,6 +146,7 @@ class CacheFeed:
                 details = exc.details() if isinstance(exc, grpc.Call) else type(exc).__name__
                 with self._lock:
                     self._streaming = False
+                self._recovering = True
                 if code is grpc.StatusCode.OUT_OF_RANGE:
                     log.warning(
                         "registry feed cannot resume from revision %d (%s); reloading",
@@ -173,7 +177,7 @@ class CacheFeed:
             )
             if first_revision is None:
                 first_revision = page.revision
-            views.extend(v for v in map(cache_view, page.image_caches) if v.owner_uid)
+            views.extend(cache_view(c) for c in page.image_caches if OWNER_UID_LABEL in c.labels)
             token = page.next_page_token
             if not token or self._stopping.is_set():
                 break
@@ -182,11 +186,12 @@ class CacheFeed:
             self._revision = first_revision or 0
             self._last_contact = time.monotonic()
             self._reloads += 1
-        self._synced.set()
+        self._recovering = False
         log.info(
             "registry feed loaded: %d ImageCache-owned caches at revision %d", len(views), self._revision
         )
-        self._on_reload()
+        self._on_resync()
+        self._synced.set()  # after the resync is queued: a caller that waited sees it done
 
     def _follow(self) -> None:
         call = self._stub.WatchImageCaches(api.WatchImageCachesRequest(start_revision=self._revision))
@@ -194,6 +199,9 @@ class CacheFeed:
         if self._stopping.is_set():
             call.cancel()
         for change in call:
+            if self._recovering:
+                self._recovering = False
+                self._on_resync()
             if change.type == _UPSERT:
                 view = cache_view(change.image_cache)
                 if view.owner_uid and self._book.put(view):

@@ -6,7 +6,8 @@ from the last version seen, a 410 Gone relists), into a map by name that the rec
 a reconcile costs no API read. Writes, with exactly the verbs of deploy/base/operator/rbac.yaml:
 finalizers by a merge patch guarded by resourceVersion (409 -> `ResourceConflict`), status by a
 merge patch of the status subresource, events by create. The answer of every write goes back into
-the map (unless the watch already brought something newer), so the next reconcile sees it.
+the map (unless the watch already brought something newer, or the deletion), so the next reconcile
+sees it.
 
 The operator never reads Secrets; ImageCaches only name them. API errors are logged with their
 status and reason, never their response bodies.
@@ -132,6 +133,9 @@ class ImageCacheResources:
         self._core = kube_client.CoreV1Api(api_client)
         self._on_change = on_change
         self._objects: dict[str, ImageCacheResource] = {}
+        self._names: dict[
+            str, str
+        ] = {}  # uid -> name (entries of deleted resources are checked, then pruned)
         self._lock = threading.Lock()
         self._synced = threading.Event()
         self._stopping = threading.Event()
@@ -158,10 +162,9 @@ class ImageCacheResources:
     def name_for_uid(self, uid: str) -> str | None:
         """The name of the resource with this uid, if it is known."""
         with self._lock:
-            for resource in self._objects.values():
-                if resource.uid == uid:
-                    return resource.name
-        return None
+            name = self._names.get(uid)
+            found = self._objects.get(name) if name is not None else None
+            return name if found is not None and found.uid == uid else None
 
     def synced(self) -> bool:
         """True once the first list has been loaded."""
@@ -227,6 +230,7 @@ class ImageCacheResources:
         with self._lock:
             gone = set(self._objects) - set(fresh)
             self._objects = fresh
+            self._names = {r.uid: r.name for r in fresh.values()}
         self.relists += 1
         self._synced.set()
         version = str((document.get("metadata") or {}).get("resourceVersion") or "")
@@ -261,8 +265,10 @@ class ImageCacheResources:
             with self._lock:
                 if kind == "DELETED":
                     self._objects.pop(resource.name, None)
+                    self._names.pop(resource.uid, None)
                 else:
                     self._objects[resource.name] = resource
+                    self._names[resource.uid] = resource.name
             self._on_change(resource.name)
         return version
 
@@ -270,10 +276,11 @@ class ImageCacheResources:
         resource = ImageCacheResource.from_object(obj)
         with self._lock:
             held = self._objects.get(resource.name)
+            # only a newer version of what is held: a resource the watch saw deleted meanwhile stays gone
             if (
-                held is None
-                or held.uid != resource.uid
-                or _newer(resource.resource_version, held.resource_version)
+                held is not None
+                and held.uid == resource.uid
+                and _newer(resource.resource_version, held.resource_version)
             ):
                 self._objects[resource.name] = resource
         return resource

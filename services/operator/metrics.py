@@ -43,17 +43,14 @@ class _Gauges(Collector):
             ("registry_feed_revision", "Change-feed revision reached", float(status.revision)),
             ("registry_feed_reloads", "Full reloads of the registry's caches", float(status.reloads)),
         ]
-        values += [(name, help_text, float(value)) for name, (help_text, value) in self._described().items()]
+        sizes = self._sizes()
+        values += [
+            ("imagecaches", "ImageCache resources known", float(sizes.get("imagecaches", 0))),
+            ("caches", "Registry caches made for ImageCaches", float(sizes.get("caches", 0))),
+            ("queue_depth", "ImageCaches waiting to be reconciled", float(sizes.get("queue", 0))),
+        ]
         for name, help_text, value in values:
             yield GaugeMetricFamily(f"snapcache_operator_{name}", help_text, value=value)
-
-    def _described(self) -> dict[str, tuple[str, int]]:
-        sizes = self._sizes()
-        return {
-            "imagecaches": ("ImageCache resources known", sizes.get("imagecaches", 0)),
-            "caches": ("Registry caches made for ImageCaches", sizes.get("caches", 0)),
-            "queue_depth": ("ImageCaches waiting to be reconciled", sizes.get("queue", 0)),
-        }
 
 
 class _Server(ThreadingMixIn, WSGIServer):

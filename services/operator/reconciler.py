@@ -165,6 +165,8 @@ class Reconciler:
     def _run(self, resource: ImageCacheResource, plan: Plan, cache_id: str) -> _Outcome:
         cache = self._book.get(cache_id)
         base = plan.sync or APPLIED
+        if resource.deleting and FINALIZER not in resource.finalizers:
+            return _Outcome(cache, base, done=True)  # not (or no longer) ours: write nothing
         try:
             if plan.step is Step.CREATE:
                 assert plan.desired is not None

@@ -84,7 +84,7 @@ class OperatorApp:
             self.channel,
             book=self.book,
             on_change=self._cache_changed,
-            on_reload=lambda: self.queue.add_all(self.resources.names()),
+            on_resync=lambda: self.queue.add_all(self.resources.names()),
             settings=config.feed,
         )
         self.reconciler = Reconciler(

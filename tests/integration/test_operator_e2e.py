@@ -233,9 +233,13 @@ def registry(kube_cluster: KubeCluster, tmp_path_factory: pytest.TempPathFactory
     handler = logging.FileHandler(work / "registry.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(threadName)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
+    # every logger at every level: an in-process CLI run earlier in the session quiets httpx
+    quieted = {name: logging.getLogger(name).level for name in ("httpx", "httpcore")}
     level = root.level
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
+    for name in quieted:
+        logging.getLogger(name).setLevel(logging.DEBUG)
     try:
         app = RegistryApp(config).start()
         running = Registry(app, database, work / "registry.log")
@@ -247,6 +251,8 @@ def registry(kube_cluster: KubeCluster, tmp_path_factory: pytest.TempPathFactory
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
+        for name, was in quieted.items():
+            logging.getLogger(name).setLevel(was)
         handler.close()
 
 

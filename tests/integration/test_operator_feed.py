@@ -36,7 +36,7 @@ class Follower:
     feed: CacheFeed
     book: CacheBook
     changed: list[CacheView] = field(default_factory=list)
-    reloads: list[float] = field(default_factory=list)
+    resyncs: list[float] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def changed_ids(self) -> list[str]:
@@ -58,7 +58,7 @@ def follower(harness: Harness) -> Iterator[Follower]:
         channel,
         book=book,
         on_change=changed,
-        on_reload=lambda: made.reloads.append(time.monotonic()),
+        on_resync=lambda: made.resyncs.append(time.monotonic()),
         settings=FeedSettings(live_window_seconds=1.0, backoff_initial_seconds=0.05, backoff_max_seconds=0.2),
     )
     try:
@@ -98,7 +98,7 @@ def test_loads_then_follows_only_the_caches_made_for_imagecaches(
     create(harness, "imc-0000000b")  # made through the API: not the operator's
     follower.feed.start()
     assert follower.feed.wait_synced(WAIT_SECONDS)
-    assert len(follower.reloads) == 1
+    assert len(follower.resyncs) == 1
     assert follower.book.get("imc-0000000a") is not None and follower.book.get("imc-0000000b") is None
 
     create(harness, "imc-0000000c", owner="uid-c")
@@ -137,8 +137,9 @@ def test_a_dropped_feed_resumes_from_its_revision(harness: Harness, follower: Fo
     harness.server = serve_again(harness, port)
     eventually(lambda: follower.book.get("imc-0000000b") is not None, what="the cache made while down")
     eventually(lambda: follower.book.get("imc-0000000a") is None, what="the deletion made while down")
-    assert len(follower.reloads) == 1  # resumed, not reloaded
     eventually(lambda: follower.feed.status().live, what="the feed live again")
+    assert follower.feed.status().reloads == 1  # resumed, not reloaded
+    assert len(follower.resyncs) == 2  # but every ImageCache is looked at again
 
 
 def test_a_compacted_feed_is_reloaded_and_everything_looked_at_again(
@@ -160,7 +161,7 @@ def test_a_compacted_feed_is_reloaded_and_everything_looked_at_again(
     with harness.database.transaction() as session:
         assert store.compact_changes(session, keep=1) > 0
     harness.server = serve_again(harness, port)
-    eventually(lambda: len(follower.reloads) == 2, what="the reload")
+    eventually(lambda: follower.feed.status().reloads == 2, what="the reload")
     assert follower.book.get("imc-0000000b") is not None
     assert follower.book.get("imc-0000000a") is None
-    assert follower.feed.status().reloads == 2
+    assert len(follower.resyncs) == 2
