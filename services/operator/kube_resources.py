@@ -1,6 +1,7 @@
 """ImageCache resources through the Kubernetes API: followed in memory, and the operator's writes.
 
-The only module of the operator that imports the Kubernetes client (checked by `.importlinter`).
+The only module of the operator that imports the Kubernetes client (checked by `.importlinter`;
+why this client and not kopf: the package docstring).
 Reads: one list, then a watch from its resourceVersion (bookmarks on; a dropped watch resumes
 from the last version seen, a 410 Gone relists), into a map by name that the reconciler reads, so
 a reconcile costs no API read. Writes, with exactly the verbs of deploy/base/operator/rbac.yaml:

@@ -700,6 +700,40 @@ def test_deleting_waits_for_live_disks_then_removes_cache_and_snapshot(
     assert all(s != snapshot_id for s, _zone in registry.app.provider.inventory().zone_snapshots)
 
 
+def test_failures_show_in_status_and_events(env: Env) -> None:
+    imagecaches, registry, pushed_images = env.imagecaches, env.registry, env.images
+    imagecaches.on_timeout = env.start_operator().log
+    host = pushed_images.registry.host
+    # the build fails: no such image in the OCI registry
+    missing = imagecaches.create(
+        "missing", {"images": [f"{host}/demo/none:1.0"], "imageCacheSize": 1, "plainHttpRegistries": [host]}
+    )
+    # what only the registry can judge: two names of one image, and a zone it does not have
+    refused = imagecaches.create(
+        "refused", {"images": ["nginx", "docker.io/library/nginx:latest"], "zones": ["zone-x"]}
+    )
+    failed = imagecaches.wait_status(missing["metadata"]["name"], "Failed", _phase("Failed"))["status"]
+    assert failed["reason"] == "IMAGE_NOT_FOUND" and "demo/none:1.0" in failed["message"]
+    assert (_condition(failed, "Ready")["reason"], _condition(failed, "Synced")["status"]) == (
+        "ImageNotFound",
+        "True",
+    )
+    (warning,) = [e for e in imagecaches.events(missing["metadata"]["name"]) if e.type == "Warning"]
+    assert warning.reason == "Failed" and "IMAGE_NOT_FOUND" in warning.message
+
+    invalid = imagecaches.wait_status(refused["metadata"]["name"], "Failed", _phase("Failed"))["status"]
+    assert invalid["reason"] == "INVALID_FIELD" and invalid["observedGeneration"] == 1
+    synced = _condition(invalid, "Synced")
+    assert (synced["status"], synced["reason"]) == ("False", "InvalidSpec")
+    assert (
+        "duplicates image_cache.images[0]" in synced["message"]
+        and "unknown zone 'zone-x'" in synced["message"]
+    )
+    assert registry.get(cache_id_for(refused["metadata"]["uid"])) is None
+    events = imagecaches.events(refused["metadata"]["name"])
+    assert [(e.type, e.reason) for e in events] == [("Warning", "InvalidSpec")]
+
+
 class GatedForwarder:
     """127.0.0.1:port -> target, holding every connection until `open()` (a registry that stalls)."""
 
