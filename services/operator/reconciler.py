@@ -147,7 +147,7 @@ class Reconciler:
     def _backoff(self, name: str) -> float:
         failures = self._failures.get(name, 0) + 1
         self._failures[name] = failures
-        delay: float = self._retry.initial_seconds * 2.0 ** (failures - 1)
+        delay: float = self._retry.initial_seconds * 2.0 ** min(failures - 1, 20)  # no float overflow
         return min(delay, self._retry.max_seconds)
 
     def _write_status(self, resource: ImageCacheResource, cache_id: str, outcome: _Outcome) -> None:

@@ -694,6 +694,7 @@ def test_an_unreachable_registry_backs_off_and_recovers() -> None:
     w = world(resource())
     w.registry.refuse["create"] = RegistryRefusal(code="UNAVAILABLE", reason="", message="connection refused")
     assert [w.reconciler.reconcile("web") for _ in range(5)] == [1, 2, 4, 8, 8]
+    assert {w.reconciler.reconcile("web") for _ in range(1100)} == {8}  # a long outage: no overflow
     synced = next(c for c in w.status["conditions"] if c["type"] == "Synced")
     assert synced["reason"] == "RegistryUnavailable"
     assert "observedGeneration" not in w.status
