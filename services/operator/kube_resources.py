@@ -264,10 +264,16 @@ class ImageCacheResources:
                 continue
             resource = ImageCacheResource.from_object(raw)
             with self._lock:
+                held = self._objects.get(resource.name)
                 if kind == "DELETED":
                     self._objects.pop(resource.name, None)
                     self._names.pop(resource.uid, None)
-                else:
+                # the answer of one of our writes may already be newer than this event
+                elif (
+                    held is None
+                    or held.uid != resource.uid
+                    or _newer(resource.resource_version, held.resource_version)
+                ):
                     self._objects[resource.name] = resource
                     self._names[resource.uid] = resource.name
             self._on_change(resource.name)
