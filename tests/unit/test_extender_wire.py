@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.extender.api import decode_args, encode_filter_result, encode_host_priorities, peek_pod
 from snapcache.errors import InvalidArgument
@@ -162,3 +164,36 @@ def test_peek_pod_reads_the_same_pod_as_the_full_decoder(body: bytes) -> None:
 )
 def test_peek_pod_declines_anything_else(body: bytes) -> None:
     assert peek_pod(body) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    names=st.lists(st.text(max_size=12), max_size=8),
+    separator=st.sampled_from([(",", ":"), (", ", ": "), (",", ": ")]),
+    ascii_only=st.booleans(),
+)
+def test_node_names_read_by_splitting_equal_the_json_parse(
+    names: list[str], separator: tuple[str, str], ascii_only: bool
+) -> None:
+    document = {"Pod": POD, "Nodes": None, "NodeNames": names}
+    body = json.dumps(document, separators=separator, ensure_ascii=ascii_only).encode()
+    assert decode_args(body).node_names == tuple(names)
+
+
+@pytest.mark.parametrize(
+    "names_json",
+    [
+        b'["a""b"]',
+        b'["a",]',
+        b'["a",1]',
+        b'["a"\x01]',
+        b'["a","b\x05"]',
+        b'[,"a"]',
+        b'["a" "b"]',
+        b'["\xff"]',
+    ],
+)
+def test_malformed_node_names_are_refused(names_json: bytes) -> None:
+    body = b'{"Pod":' + compact(POD) + b',"Nodes":null,"NodeNames":' + names_json + b"}"
+    with pytest.raises(InvalidArgument):
+        decode_args(body)
