@@ -2,11 +2,24 @@
 
 `create_server` is kept apart from running it (grpc examples style) so tests bind
 `127.0.0.1:0` and talk to the same server stack production runs.
+
+Two server models, each where it measured better:
+
+- `create_server`: grpcio's thread pool. For handlers that block (the registry's database and
+  provider calls), and it has the faster empty RPC.
+- `create_aio_server`: grpc.aio on an event loop in a thread of its own. For short CPU-only
+  handlers on the request path (the matcher): the handler runs on the thread that took the call
+  off the wire, with no hand-off to a pool thread woken for it. Measured at 100,000 caches
+  (bench/match.py set-up, one client): a match added 93 us over the empty RPC on grpc.aio
+  against 176 us on the thread pool, so its absolute latency was lower (706 vs 769 us) even
+  though grpc.aio's empty RPC is a little slower (613 vs 593 us).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -14,9 +27,10 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from snapcache.rpc_errors import ErrorInterceptor
+from snapcache.rpc_errors import AioErrorInterceptor, ErrorInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +40,7 @@ class ServiceBinding:
     """One servicer and how to add it to a server."""
 
     full_name: str  # "snapcache.v1.CacheRegistryService"
-    add_to_server: Callable[[Any, grpc.Server], None]
+    add_to_server: Callable[[Any, Any], None]  # (servicer, grpc.Server or grpc.aio.Server)
     servicer: Any
 
 
@@ -87,4 +101,121 @@ def create_server(
     running = RunningServer(server=server, port=port, health=health_servicer, service_names=tuple(names))
     running.set_serving(True)
     log.info("gRPC server listening", extra={"address": address, "port": port, "services": names})
+    return running
+
+
+class AioHealth:
+    """The aio health servicer, set from any thread (as `health.HealthServicer` is)."""
+
+    def __init__(self, servicer: health_aio.HealthServicer, loop: asyncio.AbstractEventLoop) -> None:
+        self._servicer = servicer
+        self._loop = loop
+
+    def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        """Set ``service``'s status; waits until the server's loop has applied it."""
+        if self._loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self._servicer.set(service, status), self._loop).result(timeout=10)
+
+
+@dataclass
+class AioRunningServer:
+    """A started grpc.aio server, its loop's thread, its port and health (`RunningServer`'s face)."""
+
+    server: grpc.aio.Server
+    port: int
+    health: AioHealth
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+    service_names: Sequence[str] = field(default_factory=tuple)
+
+    def set_serving(self, serving: bool) -> None:
+        """Flip health for the whole server and each service."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            self.health.set(name, status)
+
+    def stop(self, grace_seconds: float = 5.0) -> None:
+        """Report NOT_SERVING, stop taking calls, let running ones finish, end the loop's thread."""
+        if self.loop.is_closed():
+            return
+        self.set_serving(False)
+        stopped = asyncio.run_coroutine_threadsafe(self.server.stop(grace_seconds), self.loop)
+        stopped.result(timeout=grace_seconds + 10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+def create_aio_server(
+    address: str,
+    bindings: Sequence[ServiceBinding],
+    *,
+    max_concurrent_rpcs: int | None = None,
+    thread_name: str = "grpc-aio",
+) -> AioRunningServer:
+    """Like `create_server`, for servicers whose methods are coroutines; serves on its own thread."""
+    loop = asyncio.new_event_loop()
+    started: dict[str, Any] = {}
+    ready = threading.Event()
+
+    async def start() -> None:
+        server = grpc.aio.server(
+            interceptors=[AioErrorInterceptor()],
+            maximum_concurrent_rpcs=max_concurrent_rpcs,
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ],
+        )
+        for binding in bindings:
+            binding.add_to_server(binding.servicer, server)
+        health_servicer = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        names = [b.full_name for b in bindings]
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot bind gRPC server to {address}")
+        await server.start()
+        started.update(server=server, port=port, health=health_servicer, names=names)
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(start())
+        except BaseException as exc:  # reported to the caller below
+            started["error"] = exc
+            ready.set()
+            loop.close()
+            return
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=run, name=thread_name, daemon=True)
+    thread.start()
+    ready.wait()
+    if "error" in started:
+        thread.join()
+        raise started["error"]
+    running = AioRunningServer(
+        server=started["server"],
+        port=started["port"],
+        health=AioHealth(started["health"], loop),
+        loop=loop,
+        thread=thread,
+        service_names=tuple(started["names"]),
+    )
+    running.set_serving(True)
+    log.info(
+        "gRPC (aio) server listening",
+        extra={"address": address, "port": running.port, "services": started["names"]},
+    )
     return running

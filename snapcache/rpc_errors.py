@@ -8,7 +8,7 @@ reason INTERNAL, is logged with its traceback, and never leaks its text to the c
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -130,6 +130,39 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             )
             return streaming
         return handler  # type: ignore[no-any-return]
+
+
+class AioErrorInterceptor(grpc.aio.ServerInterceptor):
+    """`ErrorInterceptor` for grpc.aio servers (unary-unary handlers, the only kind they serve)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler: Any = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # type: ignore[no-any-return]
+        inner = handler.unary_unary
+        method = handler_call_details.method
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                return await inner(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except errors.SnapcacheError as exc:
+                status = rpc_status.to_status(to_status(exc))
+            except Exception as exc:
+                log.exception("unhandled error in %s", method, exc_info=exc)
+                status = rpc_status.to_status(internal_status())
+            await context.abort(status.code, status.details, status.trailing_metadata)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 def _is_abort(exc: Exception, context: grpc.ServicerContext) -> bool:

@@ -18,7 +18,7 @@ from services.matcher.hits import HitReporter
 from services.matcher.index_sync import IndexSync, SyncSettings
 from services.matcher.metrics import MatcherMetrics
 from services.matcher.servicer import SERVICE_NAME, MatcherServicer
-from snapcache.grpc_server import RunningServer, ServiceBinding, create_server
+from snapcache.grpc_server import AioRunningServer, ServiceBinding, create_aio_server
 from snapcache.v1 import matcher_pb2_grpc as mpb_grpc
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ class MatcherConfig:
 
     registry_target: str  # host:port of the cache registry
     listen: str = "127.0.0.1:50052"
-    grpc_workers: int = 16
     hit_flush_seconds: float = 2.0
     metrics_listen: str = ""  # host:port for /metrics; "" for none
     sync: SyncSettings = field(default_factory=SyncSettings)
@@ -47,8 +46,6 @@ class MatcherConfig:
         """Refuse a bad configuration at start-up rather than at the first request."""
         if not self.registry_target:
             raise ValueError("the registry's address is required")
-        if self.grpc_workers < 1:
-            raise ValueError("grpc_workers must be >= 1")
         if self.hit_flush_seconds <= 0 or self.status_check_seconds <= 0:
             raise ValueError("hit_flush_seconds and status_check_seconds must be > 0")
         if not 1 <= self.sync.page_size <= 1000:
@@ -73,7 +70,7 @@ class MatcherApp:
             on_flush=lambda sent, _kept: self.metrics.hits_reported.inc(sent),
         )
         self.servicer = MatcherServicer(sync=self.sync, hits=self.hits, metrics=self.metrics)
-        self.server: RunningServer | None = None
+        self.server: AioRunningServer | None = None
         self.metrics_port = 0
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None
@@ -99,7 +96,7 @@ class MatcherApp:
 
     def start(self, *, wait_loaded_seconds: float = 0.0) -> MatcherApp:
         """Start following the registry and serving; optionally wait for the first load."""
-        self.server = create_server(self.config.listen, self.bindings(), max_workers=self.config.grpc_workers)
+        self.server = create_aio_server(self.config.listen, self.bindings(), thread_name="matcher-grpc")
         self._update_health()
         self.sync.start()
         self.hits.start()
