@@ -23,26 +23,21 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import urllib3
-import yaml
 from kubernetes import client as kube_client
-from kubernetes import config as kube_config
 from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
 
 from services.cache_registry.credentials import DockerConfigError, parse_docker_config
 from services.cache_registry.provider import BuildFailure, RegistryCredential
+from snapcache.kube_clients import IN_CLUSTER_CA_FILE, IN_CLUSTER_TOKEN_FILE, kube_api_client
 
 DOCKERCONFIGJSON_TYPE = "kubernetes.io/dockerconfigjson"
 DOCKERCONFIGJSON_KEY = ".dockerconfigjson"
 
 # The Kubernetes API, as a pod sees it (what kubernetes.config.load_incluster_config reads).
-IN_CLUSTER_TOKEN_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/token"
-IN_CLUSTER_CA_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
 
 _UNAVAILABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -142,16 +137,7 @@ class KubeSecretReader:
     @classmethod
     def from_kubeconfig(cls, path: Path | str, *, context: str | None = None) -> KubeSecretReader:
         """A reader using a kubeconfig file (outside a cluster); a bad file fails here, at start-up."""
-        configuration = kube_client.Configuration()
-        try:
-            kube_config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=str(path), context=context, client_configuration=configuration
-            )
-        # Not YAML (yaml.YAMLError), or YAML of the wrong shape (TypeError, AttributeError deep
-        # in the loader): a broken file must stop start-up with its name, not a traceback.
-        except (ConfigException, OSError, ValueError, TypeError, AttributeError, yaml.YAMLError) as exc:
-            raise ValueError(f"cannot use kubeconfig {path}: {type(exc).__name__}: {exc}") from None
-        return cls(_api_client(configuration))
+        return cls(kube_api_client(kubeconfig=path, context=context))
 
     @classmethod
     def in_cluster(
@@ -161,18 +147,8 @@ class KubeSecretReader:
         ca_file: str = IN_CLUSTER_CA_FILE,
         environ: Mapping[str, str] | None = None,
     ) -> KubeSecretReader:
-        """A reader using the pod's service account (``load_incluster_config``); fails outside a pod."""
-        configuration = kube_client.Configuration()
-        try:
-            loader = kube_config.incluster_config.InClusterConfigLoader(  # type: ignore[no-untyped-call]
-                token_filename=token_file,
-                cert_filename=ca_file,
-                environ=os.environ if environ is None else environ,
-            )
-            loader.load_and_set(configuration)  # type: ignore[no-untyped-call]
-        except (ConfigException, OSError) as exc:
-            raise ValueError(f"cannot use the in-cluster Kubernetes configuration: {exc}") from None
-        return cls(_api_client(configuration))
+        """A reader using the pod's service account; fails outside a pod."""
+        return cls(kube_api_client(in_cluster=True, token_file=token_file, ca_file=ca_file, environ=environ))
 
     def registry_credentials(self, secret: str) -> dict[str, RegistryCredential]:
         """The credentials in Secret ``namespace/name``; raises ``BuildFailure`` (module docstring)."""
@@ -199,9 +175,3 @@ class KubeSecretReader:
     def close(self) -> None:
         """Release the client's connections."""
         self._api.close()  # type: ignore[no-untyped-call]
-
-
-def _api_client(configuration: kube_client.Configuration) -> kube_client.ApiClient:
-    # one quick retry on a dropped connection; the worker's backoff handles longer outages
-    configuration.retries = 1
-    return kube_client.ApiClient(configuration)

@@ -11,47 +11,21 @@ wing that import the Kubernetes client (with `pod_events`).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import orjson
 import urllib3
-import yaml
 from kubernetes import client as kube_client
-from kubernetes import config as kube_config
 from kubernetes import watch as kube_watch
 from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
 
 from services.extender.zones import zone_of
 
 log = logging.getLogger(__name__)
 
 _GONE = 410
-
-
-def kube_api_client(*, kubeconfig: Path | None, in_cluster: bool) -> kube_client.ApiClient:
-    """An API client from a kubeconfig or the pod's service account; a bad one is a ValueError."""
-    configuration = kube_client.Configuration()
-    try:
-        if in_cluster:
-            loader = kube_config.incluster_config.InClusterConfigLoader(  # type: ignore[no-untyped-call]
-                token_filename=kube_config.incluster_config.SERVICE_TOKEN_FILENAME,
-                cert_filename=kube_config.incluster_config.SERVICE_CERT_FILENAME,
-                environ=os.environ,
-            )
-            loader.load_and_set(configuration)  # type: ignore[no-untyped-call]
-        else:
-            kube_config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=str(kubeconfig), client_configuration=configuration
-            )
-    except (ConfigException, OSError, ValueError, TypeError, AttributeError, yaml.YAMLError) as exc:
-        where = "the in-cluster configuration" if in_cluster else f"kubeconfig {kubeconfig}"
-        raise ValueError(f"cannot use {where}: {type(exc).__name__}: {exc}") from None
-    return kube_client.ApiClient(configuration)
 
 
 class NodeZoneCache:

@@ -19,10 +19,11 @@ from services.extender.decisions import DecisionCache
 from services.extender.http_app import ExtenderHTTPServer, ExtenderRoutes, serve_in_thread
 from services.extender.matcher_client import MatcherClient
 from services.extender.metrics import ExtenderMetrics
-from services.extender.node_cache import NodeZoneCache, kube_api_client
+from services.extender.node_cache import NodeZoneCache
 from services.extender.pod_events import PodEvents
 from services.extender.pods import parse_default_mode
 from services.extender.scheduling import EventSink, NoEvents, Scheduling
+from snapcache.kube_clients import kube_api_client
 
 log = logging.getLogger(__name__)
 

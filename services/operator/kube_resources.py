@@ -19,19 +19,14 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import urllib3
-import yaml
 from kubernetes import client as kube_client
-from kubernetes import config as kube_config
 from kubernetes import watch as kube_watch
 from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
 
 from services.operator.model import (
     API_VERSION,
@@ -53,28 +48,6 @@ COMPONENT = "snapcache-operator"
 EVENTS_NAMESPACE = "default"
 _GONE = 410
 _REQUEST_TIMEOUT = 15
-
-
-def kube_api_client(*, kubeconfig: Path | None, in_cluster: bool) -> kube_client.ApiClient:
-    """An API client from a kubeconfig or the pod's service account; a bad one is a ValueError."""
-    configuration = kube_client.Configuration()
-    try:
-        if in_cluster:
-            loader = kube_config.incluster_config.InClusterConfigLoader(  # type: ignore[no-untyped-call]
-                token_filename=kube_config.incluster_config.SERVICE_TOKEN_FILENAME,
-                cert_filename=kube_config.incluster_config.SERVICE_CERT_FILENAME,
-                environ=os.environ,
-            )
-            loader.load_and_set(configuration)  # type: ignore[no-untyped-call]
-        else:
-            kube_config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=str(kubeconfig), client_configuration=configuration
-            )
-    except (ConfigException, OSError, ValueError, TypeError, AttributeError, yaml.YAMLError) as exc:
-        where = "the in-cluster configuration" if in_cluster else f"kubeconfig {kubeconfig}"
-        raise ValueError(f"cannot use {where}: {type(exc).__name__}: {exc}") from None
-    configuration.retries = 1
-    return kube_client.ApiClient(configuration)
 
 
 def _newer(candidate: str, held: str) -> bool:

@@ -20,7 +20,7 @@ def no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         ([], "the operator needs Kubernetes access: give --kubeconfig PATH or --in-cluster"),
         (["--kubeconfig", "/nonexistent/kubeconfig"], "kubeconfig /nonexistent/kubeconfig is not a file"),
-        (["--in-cluster"], "cannot use the in-cluster configuration"),
+        (["--in-cluster"], "cannot use the in-cluster Kubernetes configuration"),
         (["--kubeconfig", "/etc/hostname", "--in-cluster"], "not allowed with argument"),
     ],
 )
