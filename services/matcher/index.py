@@ -10,6 +10,12 @@ A posting is a set of cache entries (hashed by identity), so "the caches holding
 the pod" is one C-level set intersection, rarest first, whatever the size of the common
 images' postings. Images are pooled: 100,000 caches drawn from 20,000 images share one copy of
 each image and its strings.
+
+Postings are kept per pooled image, not per key: a cache is filed once per image it holds, not
+once per key (an image answers to two or three), which halves the work of a full load. A key
+answers to one image almost always; when several do (a tag rebuilt with a new digest, a digest
+pushed under two tags), its posting is the union of theirs, made at first use and kept until
+the index next changes.
 """
 
 from __future__ import annotations
@@ -37,9 +43,13 @@ class CacheState(enum.Enum):
     EXPIRED = 7
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class HeldImage:
-    """An image as a cache's last build recorded it (pooled: one object per distinct image)."""
+    """An image as a cache's last build recorded it (pooled: one object per distinct image).
+
+    Compared and hashed by identity: the pool makes one object per distinct image, and postings
+    are keyed by it.
+    """
 
     normalized: str  # as recorded: `docker.io/library/nginx:1.25` (or `name@digest`)
     name: str  # `docker.io/library/nginx`
@@ -118,14 +128,6 @@ class CacheEntry:
                 return image
         return None
 
-    def filed_keys(self) -> dict[str, HeldImage]:
-        """Each match key of the cache with the first image answering to it."""
-        found: dict[str, HeldImage] = {}
-        for image in self.images:
-            for key in image.keys:
-                found.setdefault(key, image)
-        return found
-
     def expired(self, now_ns: int) -> bool:
         """True once the expire time has passed (even before the registry marks it EXPIRED)."""
         return self.expire_time_ns != 0 and now_ns >= self.expire_time_ns
@@ -136,20 +138,20 @@ def _exact_order(entry: CacheEntry) -> tuple[int, int, str]:
 
 
 class Posting(set["CacheEntry"]):
-    """The caches holding one match key: a set (for intersections) and a list in TKE's order.
+    """The caches holding one image (or a key's images): a set, and a list in TKE's order.
 
-    The order (smaller cache, newer, name) lets EXACT take the best caches holding a common image
-    from the front instead of sorting thousands per request. It is built at first use (only the
-    postings of common images are ever walked) and kept in order from then on. `max_bytes`
-    bounds the key's bytes over the entries for the partial policies' early stop (never lowered
-    on removal, so it stays a valid bound).
+    The set serves intersections; the order (smaller cache, newer, name) lets EXACT take the best
+    caches holding a common image from the front instead of sorting thousands per request. The
+    list is built at first use (only the postings of common images are ever walked) and kept in
+    order from then on. `max_bytes` bounds the image's bytes over the entries, for the partial
+    policies' early stop.
     """
 
     __slots__ = ("_ordered", "max_bytes")
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = 0) -> None:
         super().__init__()
-        self.max_bytes = 0
+        self.max_bytes = max_bytes
         self._ordered: list[CacheEntry] | None = None
 
     @property
@@ -160,12 +162,11 @@ class Posting(set["CacheEntry"]):
             ordered = self._ordered = sorted(self, key=_exact_order)
         return ordered
 
-    def file(self, entry: CacheEntry, compressed_bytes: int) -> None:
+    def file(self, entry: CacheEntry) -> None:
         """Add ``entry`` (at its place in the order, once there is one)."""
         self.add(entry)
         if self._ordered is not None:
             bisect.insort(self._ordered, entry, key=_exact_order)
-        self.max_bytes = max(self.max_bytes, compressed_bytes)
 
     def unfile(self, entry: CacheEntry) -> None:
         """Take ``entry`` out."""
@@ -175,6 +176,12 @@ class Posting(set["CacheEntry"]):
             at = bisect.bisect_left(ordered, entry.exact_order, key=_exact_order)
             if at < len(ordered) and ordered[at] is entry:
                 del ordered[at]
+
+
+def _union(postings: list[Posting]) -> Posting:
+    union = Posting(max(posting.max_bytes for posting in postings))
+    union.update(*postings)
+    return union
 
 
 EMPTY_POSTING = Posting()
@@ -279,12 +286,14 @@ class ImagePool:
 
 
 class CacheIndex:
-    """Every cache the registry has, filed by match key. Not thread-safe: the owner locks."""
+    """Every cache the registry has, filed by image. Not thread-safe: the owner locks."""
 
     def __init__(self, pool: ImagePool | None = None) -> None:
         self.pool = pool or ImagePool()
         self._entries: dict[str, CacheEntry] = {}
-        self._postings: dict[str, Posting] = {}
+        self._postings: dict[HeldImage, Posting] = {}  # by image (identity)
+        self._keys: dict[str, list[HeldImage]] = {}  # match key -> the filed images answering to it
+        self._unions: dict[str, Posting] = {}  # keys answering to several images; cleared on change
         self.revision = 0
         self.ready_count = 0
 
@@ -294,7 +303,15 @@ class CacheIndex:
 
     def posting(self, key: str) -> Posting:
         """The caches holding match key ``key`` (an empty posting if none)."""
-        return self._postings.get(key, EMPTY_POSTING)
+        images = self._keys.get(key)
+        if images is None:
+            return EMPTY_POSTING
+        if len(images) == 1:
+            return self._postings[images[0]]
+        union = self._unions.get(key)
+        if union is None:
+            union = self._unions[key] = _union([self._postings[image] for image in images])
+        return union
 
     def entries(self) -> Iterable[CacheEntry]:
         """Every cache, in no particular order."""
@@ -345,22 +362,48 @@ class CacheIndex:
     def _file(self, entry: CacheEntry) -> None:
         if entry.state is CacheState.READY:
             self.ready_count += 1
-        for key, image in entry.filed_keys().items():
-            posting = self._postings.get(key)
+        if self._unions:
+            self._unions = {}
+        for image in entry.images:
+            posting = self._postings.get(image)
             if posting is None:
-                posting = self._postings[key] = Posting()
-            posting.file(entry, image.compressed_bytes)
+                posting = self._postings[image] = Posting(image.compressed_bytes)
+                _register_keys(self._keys, image)
+            posting.file(entry)
 
     def _unfile(self, entry: CacheEntry) -> None:
         if entry.state is CacheState.READY:
             self.ready_count -= 1
-        for key in entry.filed_keys():
-            posting = self._postings.get(key)
+        if self._unions:
+            self._unions = {}
+        for image in entry.images:
+            posting = self._postings.get(image)
             if posting is None:
                 continue
             posting.unfile(entry)
             if not posting:
-                del self._postings[key]
+                del self._postings[image]
+                _unregister_keys(self._keys, image)
+
+
+def _register_keys(keys: dict[str, list[HeldImage]], image: HeldImage) -> None:
+    for key in image.keys:
+        answering = keys.get(key)
+        if answering is None:
+            keys[key] = [image]
+        elif image not in answering:
+            answering.append(image)
+
+
+def _unregister_keys(keys: dict[str, list[HeldImage]], image: HeldImage) -> None:
+    for key in image.keys:
+        answering = keys.get(key)
+        if answering is None:
+            continue
+        if image in answering:
+            answering.remove(image)
+        if not answering:
+            del keys[key]
 
 
 class IndexBuilder:
@@ -373,7 +416,7 @@ class IndexBuilder:
     def __init__(self, pool: ImagePool) -> None:
         self._pool = pool
         self._latest: dict[str, CacheEntry] = {}
-        self._postings: dict[str, Posting] = {}
+        self._postings: dict[HeldImage, Posting] = {}
         self._replaced = False
 
     def add(self, entry: CacheEntry) -> None:
@@ -388,14 +431,10 @@ class IndexBuilder:
             return
         postings = self._postings
         for image in entry.images:
-            size = image.compressed_bytes
-            for key in image.keys:
-                posting = postings.get(key)
-                if posting is None:
-                    posting = postings[key] = Posting()
-                posting.add(entry)
-                if size > posting.max_bytes:  # noqa: PLR1730 (max() costs a call per image)
-                    posting.max_bytes = size
+            posting = postings.get(image)
+            if posting is None:
+                posting = postings[image] = Posting(image.compressed_bytes)
+            posting.add(entry)
 
     def finish(self, *, revision: int) -> CacheIndex:
         """The index of everything added, as of ``revision``."""
@@ -410,6 +449,10 @@ class IndexBuilder:
         index.ready_count = ready
         index.revision = max((entry.revision for entry in self._latest.values()), default=0)
         index._postings = self._postings
+        keys: dict[str, list[HeldImage]] = {}
+        for image in self._postings:  # one per distinct image, not per cache
+            _register_keys(keys, image)
+        index._keys = keys
         index.advance(revision)
         return index
 

@@ -227,6 +227,19 @@ class IndexSync:
         so the registry's work and the matcher's overlap instead of adding up; only the final
         ordering of the postings waits for the last page.
         """
+        # The collector off while a load builds millions of objects: they are all kept, and full
+        # collections walking them (and the old index) over and over made the load a third
+        # slower. Reference counting still frees what is dropped; afterwards the index is frozen
+        # out of the collector's sight (`_load`).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._load()
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _load(self) -> None:
         started = time.perf_counter()
         pages: queue.Queue[_Page] = queue.Queue(maxsize=4)
         abandon = threading.Event()
