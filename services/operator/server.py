@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 
 from services.operator.cache_book import CacheBook
-from services.operator.cache_feed import CacheFeed, FeedSettings
+from services.operator.cache_feed import CacheFeed
 from services.operator.kube_resources import ImageCacheResources
 from services.operator.metrics import OperatorMetrics
 from services.operator.model import CacheView
@@ -25,6 +25,7 @@ from services.operator.reconciler import Reconciler, RetrySettings
 from services.operator.registry_client import RegistryClient
 from services.operator.work_queue import WorkQueue
 from snapcache.kube_clients import kube_api_client
+from snapcache.registry_feed import FeedSettings
 
 log = logging.getLogger(__name__)
 

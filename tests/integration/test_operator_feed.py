@@ -18,9 +18,10 @@ from services.cache_registry import store
 from services.cache_registry.model import CacheSpec
 from services.cache_registry.servicer import SERVICE_NAME, CacheRegistryServicer
 from services.operator.cache_book import CacheBook
-from services.operator.cache_feed import CacheFeed, FeedSettings
+from services.operator.cache_feed import CacheFeed
 from services.operator.model import OWNER_UID_LABEL, CacheState, CacheView
 from snapcache.grpc_server import RunningServer, ServiceBinding, create_server
+from snapcache.registry_feed import FeedSettings
 from snapcache.v1 import cache_registry_pb2 as api
 from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
 from snapcache.v1 import image_cache_pb2 as pb
