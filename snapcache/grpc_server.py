@@ -13,6 +13,10 @@ Two server models, each where it measured better:
   (bench/match.py set-up, one client): a match added 93 us over the empty RPC on grpc.aio
   against 176 us on the thread pool, so its absolute latency was lower (706 vs 769 us) even
   though grpc.aio's empty RPC is a little slower (613 vs 593 us).
+
+Both take a `ServerSecurity`: TLS (`snapcache.tls`, reloaded from disk, mutual with a client CA)
+and access control (`snapcache.rpc_auth`). Without one a server is plaintext and open, which is
+what the embedded default on loopback and the tests use; callers decide when that is allowed.
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from snapcache.access import AccessPolicy
+from snapcache.rpc_auth import AioAuthInterceptor, AuthInterceptor
 from snapcache.rpc_errors import AioErrorInterceptor, ErrorInterceptor
+from snapcache.tls import ServerTls, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,30 @@ class ServiceBinding:
     full_name: str  # "snapcache.v1.CacheRegistryService"
     add_to_server: Callable[[Any, Any], None]  # (servicer, grpc.Server or grpc.aio.Server)
     servicer: Any
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    """TLS (None: plaintext) and access control (None: every caller may do everything)."""
+
+    tls: ServerTls | None = None
+    access: AccessPolicy | None = None
+
+    def describe(self) -> str:
+        """``mTLS, auth`` / ``TLS`` / ``plaintext``, for start-up lines."""
+        transport = "plaintext" if self.tls is None else ("mTLS" if self.tls.mutual else "TLS")
+        return transport + (", auth" if self.access is not None else "")
+
+    def bind(self, server: Any, address: str) -> int:
+        """Add the listening port with these credentials; return the port (0: not bound)."""
+        if self.tls is None:
+            port: int = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, server_credentials(self.tls))
+        return port
+
+
+PLAINTEXT = ServerSecurity()
 
 
 @dataclass
@@ -74,11 +105,19 @@ def create_server(
     max_workers: int = 32,
     max_concurrent_rpcs: int | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    security: ServerSecurity = PLAINTEXT,
 ) -> RunningServer:
     """Build and start a server on ``address`` (port 0 picks a free one); return it with its port."""
+    auth: list[grpc.ServerInterceptor] = []
+    if security.access is not None:
+        auth.append(
+            AuthInterceptor(
+                security.access, client_certificates=security.tls is not None and security.tls.mutual
+            )
+        )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        interceptors=[*interceptors, ErrorInterceptor()],
+        interceptors=[*auth, *interceptors, ErrorInterceptor()],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
         options=[
             ("grpc.so_reuseport", 0),
@@ -94,13 +133,16 @@ def create_server(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    port = server.add_insecure_port(address)
+    port = security.bind(server, address)
     if port == 0:
         raise OSError(f"cannot bind gRPC server to {address}")
     server.start()
     running = RunningServer(server=server, port=port, health=health_servicer, service_names=tuple(names))
     running.set_serving(True)
-    log.info("gRPC server listening", extra={"address": address, "port": port, "services": names})
+    log.info(
+        "gRPC server listening",
+        extra={"address": address, "port": port, "services": names, "security": security.describe()},
+    )
     return running
 
 
@@ -154,15 +196,23 @@ def create_aio_server(
     *,
     max_concurrent_rpcs: int | None = None,
     thread_name: str = "grpc-aio",
+    security: ServerSecurity = PLAINTEXT,
 ) -> AioRunningServer:
     """Like `create_server`, for servicers whose methods are coroutines; serves on its own thread."""
     loop = asyncio.new_event_loop()
+    auth: list[grpc.aio.ServerInterceptor] = []
+    if security.access is not None:
+        auth.append(
+            AioAuthInterceptor(
+                security.access, client_certificates=security.tls is not None and security.tls.mutual
+            )
+        )
     started: dict[str, Any] = {}
     ready = threading.Event()
 
     async def start() -> None:
         server = grpc.aio.server(
-            interceptors=[AioErrorInterceptor()],
+            interceptors=[*auth, AioErrorInterceptor()],
             maximum_concurrent_rpcs=max_concurrent_rpcs,
             options=[
                 ("grpc.so_reuseport", 0),
@@ -178,7 +228,7 @@ def create_aio_server(
             [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             server,
         )
-        port = server.add_insecure_port(address)
+        port = security.bind(server, address)
         if port == 0:
             raise OSError(f"cannot bind gRPC server to {address}")
         await server.start()
@@ -216,6 +266,11 @@ def create_aio_server(
     running.set_serving(True)
     log.info(
         "gRPC (aio) server listening",
-        extra={"address": address, "port": running.port, "services": started["names"]},
+        extra={
+            "address": address,
+            "port": running.port,
+            "services": started["names"],
+            "security": security.describe(),
+        },
     )
     return running
