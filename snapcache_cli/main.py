@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from snapcache_cli import cache_commands, demo, match_command, operator_command, serve
+from snapcache_cli import cache_commands, demo, match_command, node_agent_command, operator_command, serve
 from snapcache_cli.client import (
     DEFAULT_RPC_TIMEOUT_SECONDS,
     CommandFailed,
@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     match_command.register(commands, parents=[leaf_options])
     demo.register(commands, parents=[leaf_options])
     operator_command.register(commands, parents=[leaf_options])
+    node_agent_command.register(commands, parents=[leaf_options])
     return parser
 
 

@@ -1,0 +1,93 @@
+"""The node agent's Prometheus metrics, on a registry of its own (several agents per process in tests).
+
+What the issue asks to see: disks attached, bytes served from disks vs passed through, and every
+blob that failed its digest (by source: a corrupt disk, or a registry that served bad content).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+
+class _DiskCollector(Collector):
+    def __init__(self, disks: Callable[[], int], bad_blobs: Callable[[], int]) -> None:
+        self._disks = disks
+        self._bad_blobs = bad_blobs
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "snapcache_node_agent_disks_attached",
+            "Disks the mirror serves images from",
+            value=float(self._disks()),
+        )
+        yield GaugeMetricFamily(
+            "snapcache_node_agent_bad_blobs",
+            "Blobs marked corrupt on attached disks (no longer served from there)",
+            value=float(self._bad_blobs()),
+        )
+
+
+class NodeAgentMetrics:
+    """Counters the mirror's request path bumps."""
+
+    def __init__(self, *, disks: Callable[[], int], bad_blobs: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_DiskCollector(disks, bad_blobs))
+        self._requests = Counter(
+            "snapcache_node_agent_requests",
+            "Mirror answers by what was asked (manifest, blob, base, refused), where the answer came "
+            "from (disk, upstream, local) and HTTP status",
+            ["kind", "source", "code"],
+            registry=self.registry,
+        )
+        self._bytes = Counter(
+            "snapcache_node_agent_served_bytes",
+            "Body bytes sent to clients, by source: disk (saved a download) or upstream (passed through)",
+            ["source"],
+            registry=self.registry,
+        )
+        self._digest_failures = Counter(
+            "snapcache_node_agent_digest_failures",
+            "Manifests and blobs whose content did not match their digest (never served as good), by source",
+            ["source"],
+            registry=self.registry,
+        )
+        self._bound: dict[tuple[str, str, int], Any] = {}
+        self._server: Any = None
+
+    def answered(self, kind: str, source: str, code: int, body_bytes: int = 0) -> None:
+        """Count one answer and the body bytes it carried."""
+        key = (kind, source, code)
+        child = self._bound.get(key)
+        if child is None:
+            child = self._bound.setdefault(key, self._requests.labels(kind, source, str(code)))
+        child.inc()
+        if body_bytes:
+            self._bytes.labels(source).inc(body_bytes)
+
+    def digest_failure(self, source: str) -> None:
+        """Count one content that failed its digest."""
+        self._digest_failures.labels(source).inc()
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)
+
+    def serve(self, address: str) -> int:
+        """Expose /metrics on ``host:port`` (port 0 picks one); return the port."""
+        host, _, port = address.rpartition(":")
+        server, _thread = start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
+        self._server = server
+        return int(server.server_port)
+
+    def stop(self) -> None:
+        """Stop the metrics endpoint, if any."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,382 @@
+"""The node agent's mirror end to end: a real upstream registry, a READY cache, a disk, skopeo.
+
+One module-scoped world: a ``docker-registry`` upstream holding a multi-layer image (and the
+demo images, one of them multi-arch), a real registry service (``RegistryApp``, the local
+provider, SQLite) that builds a cache of them and provisions a disk from its snapshot, and a
+node agent serving that disk. The upstream's access log tells what reached it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from services.cache_registry.server import RegistryApp, RegistryConfig, ZoneConfig
+from services.node_agent.server import NodeAgentApp, NodeAgentConfig
+from snapcache.demo.oci_images import (
+    BuiltImage,
+    ImageSpec,
+    LayerSpec,
+    MiB,
+    build_image,
+    push_demo_images,
+    push_image,
+)
+from snapcache.demo.registry_server import RegistryServer
+from snapcache.v1 import cache_registry_pb2 as api
+from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
+from snapcache.v1 import image_cache_pb2 as pb
+
+pytestmark = pytest.mark.e2e
+
+APP_SPEC = ImageSpec(
+    "demo/app",
+    "2.0",
+    [
+        LayerSpec(3 * MiB, seed=801),  # streamed with its last chunk held back
+        LayerSpec(1536 * 1024, seed=802, file_count=2),
+        LayerSpec(64 * 1024, seed=803),  # small: checked whole before sending
+    ],
+)
+
+
+@dataclass
+class World:
+    upstream: RegistryServer
+    registry: RegistryApp
+    disk_location: Path
+    app_image: BuiltImage
+    app_digest: str
+    base_index_digest: str
+    base_amd64_digest: str
+
+
+def _upstream_requests(server: RegistryServer, since: int, pattern: str) -> list[str]:
+    log = server.read_log()[since:]
+    return re.findall(rf'"(?:GET|HEAD) {pattern}[^"]*"', log)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    root = tmp_path_factory.mktemp("node-agent")
+    upstream = RegistryServer(root / "upstream")
+    upstream.start()
+    registry: RegistryApp | None = None
+    try:
+        app_image = build_image(APP_SPEC)
+        app_digest = push_image(upstream.url, app_image)
+        pushed = {p.repository: p for p in push_demo_images(upstream.url)}
+        registry = RegistryApp(
+            RegistryConfig(
+                data_dir=root / "registry",
+                listen="127.0.0.1:0",
+                zones=(ZoneConfig("zone-a"),),
+                worker_poll_seconds=0.05,
+                grpc_workers=4,
+            )
+        ).start()
+        with grpc.insecure_channel(f"127.0.0.1:{registry.port}") as channel:
+            stub = api_grpc.CacheRegistryServiceStub(channel)
+            images = [
+                f"{upstream.host}/demo/app:2.0",
+                f"{upstream.host}/demo/web:1.0",
+                f"{upstream.host}/demo/base:1.0",
+            ]
+            created = stub.CreateImageCache(
+                api.CreateImageCacheRequest(
+                    image_cache=pb.ImageCache(images=images, plain_http_registries=[upstream.host])
+                ),
+                timeout=10,
+            )
+            deadline = time.monotonic() + 60
+            while True:
+                cache = stub.GetImageCache(api.GetImageCacheRequest(name=created.name), timeout=10)
+                zones_ready = all(z.state == pb.ZoneAvailability.AVAILABLE for z in cache.zone_availability)
+                if cache.state == pb.ImageCache.READY and cache.zone_availability and zones_ready:
+                    break
+                assert cache.state not in (pb.ImageCache.FAILED,), cache.state_message
+                assert time.monotonic() < deadline, cache
+                time.sleep(0.05)
+            disk = stub.ProvisionDisk(
+                api.ProvisionDiskRequest(parent=created.name, zone="zone-a", disk_id="node-1"), timeout=10
+            )
+        base = pushed["demo/base"]
+        yield World(
+            upstream=upstream,
+            registry=registry,
+            disk_location=Path(disk.location),
+            app_image=app_image,
+            app_digest=app_digest,
+            base_index_digest=base.digest,
+            base_amd64_digest=base.images[0].manifest_digest,
+        )
+    finally:
+        if registry is not None:
+            registry.stop(0)
+        upstream.close()
+
+
+def _agent(world: World, disk_root: Path, **options: object) -> NodeAgentApp:
+    config = NodeAgentConfig(
+        disk_root=disk_root,
+        listen="127.0.0.1:0",
+        upstream_plain_http=frozenset({world.upstream.host}),
+        default_registry=world.upstream.host,
+        rescan_seconds=0.1,
+        **options,  # type: ignore[arg-type]
+    )
+    return NodeAgentApp(config).start()
+
+
+@pytest.fixture
+def agent(world: World, tmp_path: Path) -> Iterator[NodeAgentApp]:
+    started = _agent(world, world.disk_location.parent, hosts_dir=tmp_path / "certs.d")
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def _metric(agent: NodeAgentApp, name: str, **labels: str) -> float:
+    value = agent.metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+def _skopeo_copy(source: str, destination: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["skopeo", "copy", "--src-tls-verify=false", source, f"oci:{destination}:copied"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _oci_digest(layout: Path) -> str:
+    inspected = subprocess.run(
+        ["skopeo", "inspect", "--raw", f"oci:{layout}:copied"], capture_output=True, timeout=30, check=True
+    )
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(inspected.stdout).hexdigest()
+
+
+def test_a_cached_image_is_pulled_from_the_disk_with_no_blob_from_upstream(
+    world: World, agent: NodeAgentApp, tmp_path: Path
+) -> None:
+    since = len(world.upstream.read_log())
+    result = _skopeo_copy(f"docker://127.0.0.1:{agent.port}/demo/app:2.0", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert _oci_digest(tmp_path / "out") == world.app_digest
+    layers = sorted(p.name for p in (tmp_path / "out" / "blobs" / "sha256").iterdir())
+    expected = sorted(layer.digest.removeprefix("sha256:") for layer in world.app_image.layers)
+    assert set(expected) <= set(layers)
+    assert _upstream_requests(world.upstream, since, "/v2/demo/app/") == []  # not even a manifest
+    blob_bytes = sum(layer.size for layer in world.app_image.layers)
+    assert _metric(agent, "snapcache_node_agent_served_bytes_total", source="disk") >= blob_bytes
+    assert _metric(agent, "snapcache_node_agent_served_bytes_total", source="upstream") == 0
+    assert _metric(agent, "snapcache_node_agent_disks_attached") == 1
+
+
+def test_containerd_style_requests_with_ns_by_tag_and_by_index_digest(
+    world: World, agent: NodeAgentApp
+) -> None:
+    since = len(world.upstream.read_log())
+    ns = world.upstream.host
+    accept = ", ".join(
+        [
+            "application/vnd.oci.image.index.v1+json",
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        ]
+    )
+    with httpx.Client(base_url=f"http://127.0.0.1:{agent.port}") as client:
+        head = client.head("/v2/demo/app/manifests/2.0", params={"ns": ns}, headers={"Accept": accept})
+        assert head.status_code == 200
+        assert head.headers["docker-content-digest"] == world.app_digest
+        assert int(head.headers["content-length"]) > 0 and head.content == b""
+        # the multi-arch image by its index digest (a pod pinned by digest), then its amd64 manifest
+        index = client.get(
+            f"/v2/demo/base/manifests/{world.base_index_digest}",
+            params={"ns": ns},
+            headers={"Accept": accept},
+        )
+        assert index.status_code == 200, index.text
+        assert index.headers["docker-content-digest"] == world.base_index_digest
+        assert world.base_amd64_digest in index.text
+        manifest = client.get(
+            f"/v2/demo/base/manifests/{world.base_amd64_digest}",
+            params={"ns": ns},
+            headers={"Accept": accept},
+        )
+        assert manifest.status_code == 200
+        for layer in json.loads(manifest.content)["layers"]:
+            blob = client.get(f"/v2/demo/base/blobs/{layer['digest']}", params={"ns": ns})
+            assert blob.status_code == 200 and len(blob.content) == layer["size"]
+        probe = client.get("/v2/")
+        assert probe.status_code == 200 and probe.headers["docker-distribution-api-version"] == "registry/2.0"
+    assert _upstream_requests(world.upstream, since, "/v2/demo/") == []
+    # a blob on the disk is served only under a repository whose manifest lists it, as a
+    # registry scopes blobs: asked under another name, the question goes upstream
+    foreign = world.app_image.layers[2].digest
+    with httpx.Client(base_url=f"http://127.0.0.1:{agent.port}") as client:
+        assert client.head(f"/v2/demo/web/blobs/{foreign}", params={"ns": ns}).status_code == 404
+    assert len(_upstream_requests(world.upstream, since, f"/v2/demo/web/blobs/{foreign}")) == 1
+
+
+def test_an_image_on_no_disk_passes_through_intact(world: World, agent: NodeAgentApp, tmp_path: Path) -> None:
+    other = build_image(
+        ImageSpec("demo/other", "1.0", [LayerSpec(1536 * 1024, seed=901), LayerSpec(4096, seed=902)])
+    )
+    digest = push_image(world.upstream.url, other)
+    since = len(world.upstream.read_log())
+    result = _skopeo_copy(f"docker://127.0.0.1:{agent.port}/demo/other:1.0", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert _oci_digest(tmp_path / "out") == digest
+    fetched = _upstream_requests(world.upstream, since, "/v2/demo/other/blobs/")
+    assert len(fetched) >= len(other.layers)
+    assert _metric(agent, "snapcache_node_agent_served_bytes_total", source="upstream") >= sum(
+        layer.size for layer in other.layers
+    )
+    # not in the registry at all: the upstream's 404 is relayed
+    with httpx.Client(base_url=f"http://127.0.0.1:{agent.port}") as client:
+        missing = client.get("/v2/demo/nothing/manifests/1.0")
+        assert missing.status_code == 404
+        assert "MANIFEST_UNKNOWN" in missing.text or "NAME_UNKNOWN" in missing.text
+
+
+def test_a_corrupt_blob_on_the_disk_is_never_served_as_good(world: World, tmp_path: Path) -> None:
+    # a disk of its own (a copy: the provisioned disk's blobs are hard links shared with the zone)
+    disk = tmp_path / "disks" / "node-2"
+    shutil.copytree(world.disk_location, disk)
+    big, _middle, small = world.app_image.layers
+    for layer in (big, small):
+        path = disk / "blobs" / "sha256" / layer.digest.removeprefix("sha256:")
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # same size, other content
+        path.chmod(0o644)
+        path.write_bytes(bytes(data))
+    agent = _agent(world, disk.parent)
+    try:
+        since = len(world.upstream.read_log())
+        with httpx.Client(base_url=f"http://127.0.0.1:{agent.port}") as client:
+            # the big layer is streamed: the client gets a truncated body, never the whole bad blob
+            with pytest.raises(httpx.RemoteProtocolError):
+                client.get(f"/v2/demo/app/blobs/{big.digest}")
+            assert _metric(agent, "snapcache_node_agent_digest_failures_total", source="disk") == 1
+            assert _metric(agent, "snapcache_node_agent_bad_blobs") == 1
+            # the retry passes through to upstream and is intact
+            retry = client.get(f"/v2/demo/app/blobs/{big.digest}")
+            assert retry.status_code == 200 and len(retry.content) == big.size
+            # the small layer is checked before a byte is sent: passed through at once
+            direct = client.get(f"/v2/demo/app/blobs/{small.digest}")
+            assert direct.status_code == 200 and len(direct.content) == small.size
+        assert _metric(agent, "snapcache_node_agent_digest_failures_total", source="disk") == 2
+        fetched = _upstream_requests(world.upstream, since, "/v2/demo/app/blobs/")
+        assert len(fetched) == 2 and all(d.digest in "".join(fetched) for d in (big, small))
+        # a whole pull through the mirror now succeeds: good blobs from the disk, bad ones upstream
+        result = _skopeo_copy(f"docker://127.0.0.1:{agent.port}/demo/app:2.0", tmp_path / "out")
+        assert result.returncode == 0, result.stderr
+        assert _oci_digest(tmp_path / "out") == world.app_digest
+    finally:
+        agent.stop()
+
+
+def _raw(port: int, method: str, target: str) -> tuple[int, bytes, dict[str, str]]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.putrequest(method, target, skip_host=False, skip_accept_encoding=True)
+        connection.putheader("Content-Length", "0")
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, response.read(), {k.lower(): v for k, v in response.getheaders()}
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("method", ["PUT", "POST", "DELETE", "PATCH", "OPTIONS", "FOO"])
+def test_anything_but_get_and_head_is_405(agent: NodeAgentApp, method: str) -> None:
+    status, body, headers = _raw(agent.port, method, "/v2/demo/app/manifests/2.0")
+    assert status == 405 and headers["allow"] == "GET, HEAD"
+    assert json.loads(body)["errors"][0]["code"] == "UNSUPPORTED"
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v2/../../../../etc/passwd",
+        "/v2/demo/../../../etc/blobs/sha256:" + "0" * 64,
+        "/v2/%2e%2e/%2e%2e/etc/blobs/sha256:" + "0" * 64,
+        "/v2/demo/app/blobs/sha256:..%2f..%2f..%2fetc%2fpasswd",
+        "/../../etc/passwd",
+        "/v2/demo/app/manifests/..",
+    ],
+)
+def test_path_traversal_is_refused(world: World, agent: NodeAgentApp, target: str) -> None:
+    since = len(world.upstream.read_log())
+    status, body, _ = _raw(agent.port, "GET", target)
+    assert status in (400, 404), (status, body)
+    assert b"root:" not in body
+    assert _upstream_requests(world.upstream, since, "/") == []  # refused before reaching anything
+
+
+def test_hosts_toml_for_docker_hub_and_the_disks_registries(world: World, agent: NodeAgentApp) -> None:
+    import tomllib
+
+    hosts_dir = agent.config.hosts_dir
+    assert hosts_dir is not None
+    written = sorted(p.name for p in hosts_dir.iterdir())
+    assert written == sorted(["docker.io", world.upstream.host])
+    parsed = tomllib.loads((hosts_dir / world.upstream.host / "hosts.toml").read_text())
+    assert parsed["server"] == f"http://{world.upstream.host}"
+    assert parsed["host"] == {f"http://127.0.0.1:{agent.port}": {"capabilities": ["pull", "resolve"]}}
+
+
+def test_disks_attached_and_released_are_followed(world: World, tmp_path: Path) -> None:
+    root = tmp_path / "disks"
+    root.mkdir()
+    agent = _agent(world, root)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{agent.port}") as client:
+            shutil.copytree(world.disk_location, root / "node-3")
+            deadline = time.monotonic() + 5
+            while agent.catalogue.disk_ids != ["node-3"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            assert client.head("/v2/demo/web/manifests/1.0").status_code == 200
+            assert (
+                _metric(
+                    agent, "snapcache_node_agent_requests_total", kind="manifest", source="disk", code="200"
+                )
+                == 1
+            )
+            shutil.rmtree(root / "node-3")
+            while agent.catalogue.disk_ids:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            # now from upstream (which answers an OCI manifest only to a client that accepts one)
+            oci = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+            assert client.head("/v2/demo/web/manifests/1.0", headers=oci).status_code == 200
+            assert (
+                _metric(
+                    agent,
+                    "snapcache_node_agent_requests_total",
+                    kind="manifest",
+                    source="upstream",
+                    code="200",
+                )
+                == 1
+            )
+    finally:
+        agent.stop()
