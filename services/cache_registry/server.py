@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from services.cache_registry.commit_listener import CommitListener
 from services.cache_registry.credential_refs import (
     IN_CLUSTER_ENV,
     KUBECONFIG_ENV,
@@ -26,7 +27,7 @@ from services.cache_registry.messages import ImageCacheWire
 from services.cache_registry.service import CacheRegistry, RegistrySettings
 from services.cache_registry.servicer import SERVICE_NAME, CacheRegistryServicer
 from services.cache_registry.worker import LifecycleWorker, WorkerSettings
-from snapcache.grpc_server import RunningServer, ServiceBinding, create_server
+from snapcache.grpc_server import PLAINTEXT, RunningServer, ServerSecurity, ServiceBinding, create_server
 from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class RegistryConfig:
     # $SNAPCACHE_KUBE_IN_CLUSTER (read when the config is made), so `snapcache serve` takes them too.
     kubeconfig: Path | None = field(default_factory=_kubeconfig_from_env)
     kube_in_cluster: bool = field(default_factory=_in_cluster_from_env)
+    # TLS and access control of the gRPC API (default: plaintext, open; for loopback)
+    security: ServerSecurity = PLAINTEXT
 
     def database(self) -> str:
         """The database URL in force."""
@@ -99,6 +102,7 @@ class RegistryConfig:
             raise ValueError("give either a kubeconfig or in-cluster Kubernetes access, not both")
         if self.kubeconfig is not None and not self.kubeconfig.is_file():
             raise ValueError(f"kubeconfig {self.kubeconfig} is not a file")
+        self.security.validate()
 
     def secret_reader(self) -> KubeSecretReader | None:
         """The Kubernetes Secret reader this configuration asks for (None: no Kubernetes access)."""
@@ -126,6 +130,10 @@ class RegistryApp:
         migrate(self.engine)
         self.database = Database(self.engine)
         self.signal = CommitSignal()
+        # Other replicas' commits wake this one's watchers and worker (PostgreSQL only).
+        self.listener = (
+            CommitListener(self.engine, self.signal) if self.engine.dialect.name == "postgresql" else None
+        )
         self.provider = LocalProvider(
             LocalProviderConfig(
                 root=config.data_dir / "provider",
@@ -179,8 +187,15 @@ class RegistryApp:
 
     def start(self) -> RegistryApp:
         """Reconcile, start the worker, then serve."""
+        if self.listener is not None:
+            self.listener.start()
         self.worker.start()
-        self.server = create_server(self.config.listen, self.bindings(), max_workers=self.config.grpc_workers)
+        self.server = create_server(
+            self.config.listen,
+            self.bindings(),
+            max_workers=self.config.grpc_workers,
+            security=self.config.security,
+        )
         log.info(
             "cache registry serving on port %d (database %s)",
             self.server.port,
@@ -194,6 +209,8 @@ class RegistryApp:
         if self.server is not None:
             self.server.stop(grace_seconds)
         self.worker.stop()
+        if self.listener is not None:
+            self.listener.stop()
         self.engine.dispose()
         if self.secrets is not None:
             self.secrets.close()

@@ -360,15 +360,27 @@ def cache_row(cache: ImageCache, *, encoder: CacheEncoder | None) -> dict[str, A
 # --- revisions and the change feed ---------------------------------------------------------------
 
 
+# PostgreSQL channel on which every transaction that advances the feed notifies, so the other
+# registry replicas' watchers and workers wake at its commit (see `commit_listener`).
+COMMIT_CHANNEL = "snapcache_commits"
+
+
 def next_revision(session: Session) -> int:
-    """Take the next revision; the row lock this takes orders concurrent writers."""
+    """Take the next revision; the row lock this takes orders concurrent writers.
+
+    On PostgreSQL it also queues a NOTIFY on `COMMIT_CHANNEL`: delivered when (and only if) the
+    transaction commits, once however many revisions it took.
+    """
     result = session.execute(
         update(CounterRow)
         .where(col(CounterRow.name) == "revision")
         .values(value=CounterRow.value + 1)
         .returning(col(CounterRow.value))
     )
-    return int(result.scalar_one())
+    revision = int(result.scalar_one())
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(sa.text(f"NOTIFY {COMMIT_CHANNEL}"))
+    return revision
 
 
 def current_revision(session: Session) -> int:
