@@ -152,8 +152,7 @@ class Mirror:
                 return
             if source is Source.DISK and self._from_disk(routed, method, headers, out):
                 return
-            if source is Source.UPSTREAM:
-                self._pass_through(routed, method, headers, out)
+            if source is Source.UPSTREAM and self._pass_through(routed, method, headers, out):
                 return
 
     # -- disks --
@@ -298,34 +297,34 @@ class Mirror:
 
     def _pass_through(
         self, request: MirrorRequest, method: str, headers: Mapping[str, str], out: Responder
-    ) -> None:
+    ) -> bool:
+        """Relay the upstream's answer; ``False`` only for a probe the upstream could not answer."""
         image = request.image
-        assert image is not None
         kind = request.kind.value
-        section = "manifests" if request.kind is Kind.MANIFEST else "blobs"
+        if image is None:
+            path, repository = "", ""
+        else:
+            section = "manifests" if request.kind is Kind.MANIFEST else "blobs"
+            path, repository = f"{image.repository}/{section}/{request.reference}", image.repository
         try:
             with self.upstream.open(
-                method, image, f"{section}/{request.reference}", headers=headers
+                method, request.registry, path, repository=repository, headers=headers
             ) as response:
                 self._relay(request, method, response, out)
         except UpstreamUnavailable as exc:
-            self._error(
-                out,
-                502,
-                "UNAVAILABLE",
-                f"upstream registry unreachable ({exc})",
-                kind=kind,
-                source="upstream",
-            )
+            if request.kind is Kind.BASE:
+                return False
+            message = f"upstream registry unreachable ({exc})"
+            self._error(out, 502, "UNAVAILABLE", message, kind=kind, source="upstream")
         except httpx.HTTPError as exc:  # failed while reading the body: the answer is cut short
-            log.warning("upstream %s failed mid-answer: %s", image.registry, type(exc).__name__)
+            log.warning("upstream %s failed mid-answer: %s", request.registry, type(exc).__name__)
             out.abort()
         except OSError:
             out.abort()
+        return True
 
     def _relay(self, request: MirrorRequest, method: str, response: httpx.Response, out: Responder) -> None:
         image = request.image
-        assert image is not None
         kind = request.kind.value
         status = response.status_code
         head: Headers = [
@@ -334,7 +333,7 @@ class Mirror:
             if name.lower() in RELAYED_RESPONSE_HEADERS
         ]
         encoded = bool(response.headers.get("content-encoding"))
-        if method == "HEAD" or status not in (200, 206):
+        if method == "HEAD" or status not in (200, 206) or image is None:
             body = b"" if method == "HEAD" else self._read_limited(response, _MAX_ERROR_BODY)
             if method != "HEAD":
                 head = [(k, v) for k, v in head if k.lower() != "content-length"]

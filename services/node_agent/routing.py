@@ -58,12 +58,18 @@ class MirrorRequest:
     # The image: registry (from ``ns``), repository, and the tag or digest of the manifest asked
     # for; for a blob, the blob's digest. ``None`` only for the /v2/ probe.
     image: ImageReference | None = None
+    registry: str = ""  # the upstream registry host (of the image, or of the probe)
 
     @property
     def sources(self) -> tuple[Source, ...]:
-        """Where to look, in order: a disk only holds sha256 content; the rest comes from upstream."""
+        """Where to look, in order: a disk only holds sha256 content; the rest comes from upstream.
+
+        The /v2/ probe is the upstream's answer when it has one: a client that authenticates
+        (skopeo, docker) learns from it whether and how to, as it would talking to the registry;
+        with the upstream away, the mirror still answers that it speaks the API.
+        """
         if self.kind is Kind.BASE or self.image is None:
-            return (Source.LOCAL,)
+            return (Source.UPSTREAM, Source.LOCAL)
         if self.kind is Kind.BLOB and not _SHA256.fullmatch(self.image.digest):
             return (Source.UPSTREAM,)
         return (Source.DISK, Source.UPSTREAM)
@@ -95,17 +101,18 @@ def route(method: str, target: str, *, default_registry: str = DEFAULT_REGISTRY)
     if len(target) > _MAX_TARGET:
         return Refusal(414, "NAME_INVALID", f"request target longer than {_MAX_TARGET} chars")
     path, _, query = target.partition("?")
-    if path in ("/v2", "/v2/"):
-        return MirrorRequest(Kind.BASE)
-    if not path.startswith("/v2/"):
+    if path in ("/v2", "/v2/") or path.startswith("/v2/"):
+        registry = _registry(query, default_registry)
+        if isinstance(registry, Refusal):
+            return registry
+    else:
         return Refusal(404, "NOT_FOUND", "only the distribution API (/v2/...) is served")
+    if path in ("/v2", "/v2/"):
+        return MirrorRequest(Kind.BASE, registry=registry)
     parts = path[len("/v2/") :].rsplit("/", 2)
     if len(parts) != 3 or parts[1] not in ("manifests", "blobs"):
         return Refusal(404, "UNSUPPORTED", "only manifests and blobs are served (GET/HEAD)")
     name, section, reference = parts
-    registry = _registry(query, default_registry)
-    if isinstance(registry, Refusal):
-        return registry
     kind = Kind.MANIFEST if section == "manifests" else Kind.BLOB
     return _request(kind, registry, name, reference)
 
@@ -141,12 +148,12 @@ def _request(kind: Kind, registry: str, name: str, reference: str) -> MirrorRequ
             image = parse_image_reference(f"{full}@{reference}")
         except InvalidImageReference as exc:
             return Refusal(400, "DIGEST_INVALID", str(exc))
-        return MirrorRequest(kind, image)
+        return MirrorRequest(kind, image, image.registry)
     try:
         image = parse_image_reference(f"{full}:{reference}")
     except InvalidImageReference as exc:
         return Refusal(400, "TAG_INVALID", str(exc))
-    return MirrorRequest(kind, image)
+    return MirrorRequest(kind, image, image.registry)
 
 
 def accepts(accept_header: str, media_type: str) -> bool:

@@ -26,7 +26,7 @@ from typing import Final
 
 import httpx
 
-from snapcache.images import DEFAULT_REGISTRY, ImageReference
+from snapcache.images import DEFAULT_REGISTRY
 from snapcache.registry_auth import Challenge, parse_www_authenticate, preferred_challenge
 
 log = logging.getLogger(__name__)
@@ -87,20 +87,20 @@ class Upstream:
 
     @contextmanager
     def open(
-        self, method: str, image: ImageReference, path: str, *, headers: Mapping[str, str]
+        self, method: str, registry: str, path: str, *, repository: str = "", headers: Mapping[str, str]
     ) -> Iterator[httpx.Response]:
-        """Send ``method /v2/<repository>/<path>``; yield the final streaming response (any status).
+        """Send ``method /v2/<path>`` to ``registry``; yield the final streaming response (any status).
 
         ``headers`` are the client's (lower-case names); an ``authorization`` among them is the
-        client's own and is forwarded instead of the agent's anonymous token.
+        client's own and is forwarded instead of the agent's anonymous token. Without a
+        ``repository`` (the /v2/ probe) a challenge is relayed, never answered.
         """
-        registry = image.registry
-        scope = f"repository:{image.repository}:pull"
-        url = f"{self.endpoint(registry)}/v2/{image.repository}/{path}"
+        scope = f"repository:{repository}:pull" if repository else ""
+        url = f"{self.endpoint(registry)}/v2/{path}"
         forwarded = {k: v for k, v in headers.items() if k in FORWARDED_REQUEST_HEADERS}
         forwarded["accept-encoding"] = "identity"  # blobs byte for byte: their digest is over them
         client_authorization = headers.get("authorization", "")
-        authorization = client_authorization or self._cached_authorization(registry, scope)
+        authorization = client_authorization or (self._cached_authorization(registry, scope) if scope else "")
         for attempt in range(2):
             request_headers = dict(forwarded)
             if authorization:
@@ -111,7 +111,7 @@ class Upstream:
             except httpx.TransportError as exc:
                 raise UpstreamUnavailable(f"{registry}: {type(exc).__name__}") from None
             try:
-                if response.status_code == 401 and attempt == 0 and not client_authorization:
+                if response.status_code == 401 and attempt == 0 and scope and not client_authorization:
                     challenge = preferred_challenge(
                         parse_www_authenticate(response.headers.get_list("www-authenticate"))
                     )

@@ -8,6 +8,7 @@ node agent serving that disk. The upstream's access log tells what reached it.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import re
@@ -37,6 +38,8 @@ from snapcache.demo.registry_server import RegistryServer
 from snapcache.v1 import cache_registry_pb2 as api
 from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
 from snapcache.v1 import image_cache_pb2 as pb
+from tests.support.oci_fixtures import PRIVATE_PASSWORD, PRIVATE_USER, PushedImages
+from tests.support.token_auth import READER, READER_PASSWORD, TokenOciRegistry
 
 pytestmark = pytest.mark.e2e
 
@@ -128,14 +131,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 def _agent(world: World, disk_root: Path, **options: object) -> NodeAgentApp:
-    config = NodeAgentConfig(
-        disk_root=disk_root,
-        listen="127.0.0.1:0",
-        upstream_plain_http=frozenset({world.upstream.host}),
-        default_registry=world.upstream.host,
-        rescan_seconds=0.1,
-        **options,  # type: ignore[arg-type]
-    )
+    settings: dict[str, object] = {
+        "listen": "127.0.0.1:0",
+        "upstream_plain_http": frozenset({world.upstream.host}),
+        "default_registry": world.upstream.host,
+        "rescan_seconds": 0.1,
+        **options,
+    }
+    config = NodeAgentConfig(disk_root=disk_root, **settings)  # type: ignore[arg-type]
     return NodeAgentApp(config).start()
 
 
@@ -184,7 +187,11 @@ def test_a_cached_image_is_pulled_from_the_disk_with_no_blob_from_upstream(
     assert _upstream_requests(world.upstream, since, "/v2/demo/app/") == []  # not even a manifest
     blob_bytes = sum(layer.size for layer in world.app_image.layers)
     assert _metric(agent, "snapcache_node_agent_served_bytes_total", source="disk") >= blob_bytes
-    assert _metric(agent, "snapcache_node_agent_served_bytes_total", source="upstream") == 0
+    for kind in ("manifest", "blob"):  # only skopeo's /v2/ probe went upstream (its auth challenge)
+        assert (
+            _metric(agent, "snapcache_node_agent_requests_total", kind=kind, source="upstream", code="200")
+            == 0
+        )
     assert _metric(agent, "snapcache_node_agent_disks_attached") == 1
 
 
@@ -380,3 +387,53 @@ def test_disks_attached_and_released_are_followed(world: World, tmp_path: Path) 
             )
     finally:
         agent.stop()
+
+
+def _skopeo_inspect(source: str, *credentials: str) -> subprocess.CompletedProcess[str]:
+    creds = ["--creds", credentials[0]] if credentials else []
+    return subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", *creds, source],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_private_images_pass_through_only_with_the_clients_own_credentials(
+    world: World, pushed_images: PushedImages, token_oci_registry: TokenOciRegistry, tmp_path: Path
+) -> None:
+    """The agent has no credentials: a 401 it cannot answer anonymously goes back to the client."""
+    basic = pushed_images.private_registry  # htpasswd (Basic)
+    cases = [
+        (basic.host, "private/app:1.0", f"{PRIVATE_USER}:{PRIVATE_PASSWORD}", pushed_images.private.digest),
+        (
+            token_oci_registry.host,
+            "private/app:1.0",
+            f"{READER}:{READER_PASSWORD}",
+            token_oci_registry.app.digest,
+        ),
+    ]
+    for host, image, credentials, digest in cases:
+        agent = _agent(
+            world, tmp_path / "no-disks", upstream_plain_http=frozenset({host}), default_registry=host
+        )
+        try:
+            source = f"docker://127.0.0.1:{agent.port}/{image}"
+            refused = _skopeo_inspect(source)
+            assert refused.returncode != 0
+            assert (
+                "unauthorized" in refused.stderr.lower()
+                or "authentication required" in refused.stderr.lower()
+            )
+            allowed = _skopeo_inspect(source, credentials)
+            assert allowed.returncode == 0, allowed.stderr
+            assert "sha256:" + hashlib.sha256(allowed.stdout.encode()).hexdigest() == digest
+            with httpx.Client(base_url=f"http://127.0.0.1:{agent.port}") as client:
+                challenge = client.get(f"/v2/{image.replace(':', '/manifests/')}")
+                assert challenge.status_code == 401 and challenge.headers["www-authenticate"]
+        finally:
+            agent.stop()
+    # the mirror asked the token service anonymously only; the reader's token came to skopeo
+    scope = "repository:private/app:pull"
+    assert token_oci_registry.tokens.issued(user="", scope=scope) >= 1
+    assert token_oci_registry.tokens.issued(user=READER, scope=scope) >= 1

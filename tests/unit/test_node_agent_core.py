@@ -48,6 +48,12 @@ def test_requests_without_ns_go_to_the_configured_default_registry() -> None:
     routed = route("HEAD", "/v2/demo/web/manifests/1.0", default_registry="127.0.0.1:5000")
     assert isinstance(routed, MirrorRequest)
     assert str(routed.image) == "127.0.0.1:5000/demo/web:1.0"
+    assert routed.registry == "127.0.0.1:5000"
+    probe = route("GET", "/v2/?ns=quay.io", default_registry="127.0.0.1:5000")
+    assert isinstance(probe, MirrorRequest) and probe.kind is Kind.BASE and probe.registry == "quay.io"
+    assert route("GET", "/v2/", default_registry="127.0.0.1:5000") == MirrorRequest(
+        Kind.BASE, registry="127.0.0.1:5000"
+    )
 
 
 @pytest.mark.parametrize(
@@ -94,8 +100,8 @@ def test_refusals(method: str, target: str, status: int, code: str) -> None:
 @pytest.mark.parametrize(
     ("target", "sources"),
     [
-        ("/v2/", (Source.LOCAL,)),
-        ("/v2", (Source.LOCAL,)),
+        ("/v2/", (Source.UPSTREAM, Source.LOCAL)),  # the upstream's auth challenge, if it has one
+        ("/v2", (Source.UPSTREAM, Source.LOCAL)),
         ("/v2/a/manifests/1", (Source.DISK, Source.UPSTREAM)),
         (f"/v2/a/manifests/{D}", (Source.DISK, Source.UPSTREAM)),
         (f"/v2/a/blobs/{D}", (Source.DISK, Source.UPSTREAM)),
