@@ -57,6 +57,12 @@ METHOD_ROLES: Mapping[str, Role] = {
     f"/{_REGISTRY}/ReportMatches": Role.WRITER,
     f"/{_MATCHER}/MatchImageCaches": Role.READER,
     f"/{_MATCHER}/GetIndexStatus": Role.READER,
+    # probes and grpcurl: usually exempt (EXEMPTABLE_SERVICES); readers' when they are not
+    "/grpc.health.v1.Health/Check": Role.READER,
+    "/grpc.health.v1.Health/Watch": Role.READER,
+    "/grpc.health.v1.Health/List": Role.READER,
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Role.READER,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": Role.READER,
 }
 
 # Services that can be left open to anyone (probes and grpcurl need no token), by short name.

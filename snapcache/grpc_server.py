@@ -63,6 +63,16 @@ class ServerSecurity:
         transport = "plaintext" if self.tls is None else ("mTLS" if self.tls.mutual else "TLS")
         return transport + (", auth" if self.access is not None else "")
 
+    def validate(self) -> None:
+        """Refuse TLS files that do not load, at start-up."""
+        if self.tls is not None:
+            self.tls.validate()
+
+    @property
+    def client_certificates(self) -> bool:
+        """True when callers may be identified by a verified client certificate (mutual TLS)."""
+        return self.tls is not None and self.tls.mutual
+
     def bind(self, server: Any, address: str) -> int:
         """Add the listening port with these credentials; return the port (0: not bound)."""
         if self.tls is None:
@@ -110,11 +120,7 @@ def create_server(
     """Build and start a server on ``address`` (port 0 picks a free one); return it with its port."""
     auth: list[grpc.ServerInterceptor] = []
     if security.access is not None:
-        auth.append(
-            AuthInterceptor(
-                security.access, client_certificates=security.tls is not None and security.tls.mutual
-            )
-        )
+        auth.append(AuthInterceptor(security.access, client_certificates=security.client_certificates))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=[*auth, *interceptors, ErrorInterceptor()],
@@ -202,11 +208,7 @@ def create_aio_server(
     loop = asyncio.new_event_loop()
     auth: list[grpc.aio.ServerInterceptor] = []
     if security.access is not None:
-        auth.append(
-            AioAuthInterceptor(
-                security.access, client_certificates=security.tls is not None and security.tls.mutual
-            )
-        )
+        auth.append(AioAuthInterceptor(security.access, client_certificates=security.client_certificates))
     started: dict[str, Any] = {}
     ready = threading.Event()
 

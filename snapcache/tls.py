@@ -178,7 +178,7 @@ class ClientSecurity:
         return None
 
 
-PLAINTEXT = ClientSecurity()
+PLAINTEXT_CHANNEL = ClientSecurity()
 
 
 def read_token(path: Path) -> str:
@@ -265,7 +265,7 @@ class BearerToken(
 
 def open_channel(
     target: str,
-    security: ClientSecurity = PLAINTEXT,
+    security: ClientSecurity = PLAINTEXT_CHANNEL,
     *,
     options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.Channel:

@@ -22,6 +22,7 @@ from snapcache_cli.client import (
     RegistryClient,
     WaitTimeout,
     cache_name,
+    client_security,
 )
 from snapcache_cli.progress import ProgressDisplay
 from snapcache_cli.render import (
@@ -38,8 +39,8 @@ _BUILDING = (pb.ImageCache.CREATING, pb.ImageCache.UPDATING)
 
 
 def connect(args: argparse.Namespace) -> RegistryClient:
-    """The client for ``--registry`` with the ``--rpc-timeout`` deadline."""
-    return RegistryClient(args.registry, rpc_timeout=args.rpc_timeout)
+    """The client for ``--registry`` with the ``--rpc-timeout`` deadline and the TLS/token options."""
+    return RegistryClient(args.registry, rpc_timeout=args.rpc_timeout, security=client_security(args))
 
 
 def _label(text: str) -> tuple[str, str]:

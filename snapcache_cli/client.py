@@ -9,10 +9,12 @@ registry that is down reads as "cannot reach the registry at ADDRESS", never as 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self, TypeVar, cast
 
@@ -20,6 +22,7 @@ import grpc
 from google.protobuf.message import Message
 
 from snapcache.rpc_errors import error_info, field_violations
+from snapcache.tls import PLAINTEXT_CHANNEL, ClientSecurity, open_channel
 from snapcache.v1 import cache_registry_pb2 as api
 from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
 from snapcache.v1 import image_cache_pb2 as pb
@@ -86,6 +89,10 @@ class RpcFailure(Exception):
             )
         elif info is None and code is grpc.StatusCode.DEADLINE_EXCEEDED and timeout_seconds is not None:
             details = f"the {service} at {address} did not answer within {timeout_seconds:g}s"
+        elif code is grpc.StatusCode.UNAUTHENTICATED:
+            details = f"{details} (give --token, $SNAPCACHE_TOKEN or --client-token-file)"
+        elif code is grpc.StatusCode.PERMISSION_DENIED and reason == "ROLE_INSUFFICIENT":
+            details = f"{details} (use a token of a writer)"
         return cls(code, details, address, reason, violations)
 
     def lines(self) -> list[str]:
@@ -126,10 +133,16 @@ class Followed:
 class RegistryClient:
     """`CacheRegistryService` over one channel, each unary call with a deadline."""
 
-    def __init__(self, address: str, *, rpc_timeout: float = DEFAULT_RPC_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        rpc_timeout: float = DEFAULT_RPC_TIMEOUT_SECONDS,
+        security: ClientSecurity = PLAINTEXT_CHANNEL,
+    ) -> None:
         self.address = address
         self.rpc_timeout = rpc_timeout
-        self._channel = grpc.insecure_channel(address)
+        self._channel = open_channel(address, security)
         self._stub = api_grpc.CacheRegistryServiceStub(self._channel)
 
     def close(self) -> None:
@@ -300,6 +313,27 @@ class RegistryClient:
 
     def _failure(self, error: grpc.RpcError, timeout_seconds: float) -> RpcFailure:
         return RpcFailure.from_error(error, address=self.address, timeout_seconds=timeout_seconds)
+
+
+def _path(value: object) -> Path | None:
+    return Path(str(value)).expanduser() if value else None
+
+
+def client_security(args: argparse.Namespace) -> ClientSecurity:
+    """How this command reaches a server, from the global ``--tls-ca``/``--token``/... options."""
+    security = ClientSecurity(
+        ca=_path(getattr(args, "tls_ca", "")),
+        cert=_path(getattr(args, "client_cert", "")),
+        key=_path(getattr(args, "client_key", "")),
+        server_name=getattr(args, "tls_server_name", ""),
+        token=getattr(args, "token", ""),
+        token_file=_path(getattr(args, "client_token_file", "")),
+    )
+    try:
+        security.validate()
+    except ValueError as exc:
+        raise CommandFailed(f"invalid client security options: {exc}", exit_code=2) from exc
+    return security
 
 
 class CommandFailed(Exception):

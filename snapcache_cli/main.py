@@ -39,6 +39,44 @@ def _add_global_options(parser: argparse.ArgumentParser, *, with_defaults: bool)
         help=f"cache registry gRPC address (env SNAPCACHE_REGISTRY, default {DEFAULT_REGISTRY})",
     )
     group.add_argument(
+        "--tls-ca",
+        metavar="PATH",
+        default=default(os.environ.get("SNAPCACHE_TLS_CA", "")),
+        help="talk TLS, verifying the server with this CA (env SNAPCACHE_TLS_CA; default plaintext)",
+    )
+    group.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        default=default(os.environ.get("SNAPCACHE_TLS_SERVER_NAME", "")),
+        help="name expected in the server's certificate when ADDRESS's host is not in it "
+        "(env SNAPCACHE_TLS_SERVER_NAME)",
+    )
+    group.add_argument(
+        "--client-cert",
+        metavar="PATH",
+        default=default(os.environ.get("SNAPCACHE_CLIENT_CERT", "")),
+        help="client certificate for mutual TLS (env SNAPCACHE_CLIENT_CERT; with --client-key)",
+    )
+    group.add_argument(
+        "--client-key",
+        metavar="PATH",
+        default=default(os.environ.get("SNAPCACHE_CLIENT_KEY", "")),
+        help="key of --client-cert (env SNAPCACHE_CLIENT_KEY)",
+    )
+    group.add_argument(
+        "--token",
+        metavar="TOKEN",
+        default=default(os.environ.get("SNAPCACHE_TOKEN", "")),
+        help="bearer token sent on every call (env SNAPCACHE_TOKEN; prefer it or --client-token-file: "
+        "a command line is visible to other users)",
+    )
+    group.add_argument(
+        "--client-token-file",
+        metavar="PATH",
+        default=default(os.environ.get("SNAPCACHE_TOKEN_FILE", "")),
+        help="file holding the bearer token, read again when it changes (env SNAPCACHE_TOKEN_FILE)",
+    )
+    group.add_argument(
         "--rpc-timeout",
         type=cache_commands.positive_seconds,
         metavar="SECONDS",

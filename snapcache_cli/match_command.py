@@ -15,10 +15,11 @@ from typing import Any
 
 import grpc
 
+from snapcache.tls import PLAINTEXT_CHANNEL, ClientSecurity, open_channel
 from snapcache.v1 import image_cache_pb2 as pb
 from snapcache.v1 import matcher_pb2 as mpb
 from snapcache.v1 import matcher_pb2_grpc as mpb_grpc
-from snapcache_cli.client import DEFAULT_RPC_TIMEOUT_SECONDS, RpcFailure
+from snapcache_cli.client import DEFAULT_RPC_TIMEOUT_SECONDS, RpcFailure, client_security
 from snapcache_cli.render import format_bytes, format_time, image_label, table, to_json
 
 DEFAULT_MATCHER = "127.0.0.1:50052"
@@ -80,16 +81,20 @@ def run_match(args: argparse.Namespace) -> int:
         validate_only=not args.record,
     )
     timeout = getattr(args, "rpc_timeout", DEFAULT_RPC_TIMEOUT_SECONDS)
-    answer = ask_matcher(args.matcher, request, timeout_seconds=timeout)
+    answer = ask_matcher(args.matcher, request, timeout_seconds=timeout, security=client_security(args))
     print(to_json(answer) if args.output == "json" else describe_answer(answer))
     return 0
 
 
 def ask_matcher(
-    address: str, request: mpb.MatchImageCachesRequest, *, timeout_seconds: float
+    address: str,
+    request: mpb.MatchImageCachesRequest,
+    *,
+    timeout_seconds: float,
+    security: ClientSecurity = PLAINTEXT_CHANNEL,
 ) -> mpb.MatchImageCachesResponse:
     """One MatchImageCaches call; a failure becomes an `RpcFailure` that names the matcher."""
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, security) as channel:
         try:
             answer: mpb.MatchImageCachesResponse = mpb_grpc.MatcherServiceStub(channel).MatchImageCaches(
                 request, timeout=timeout_seconds

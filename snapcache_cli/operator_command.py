@@ -3,7 +3,9 @@
 Kubernetes access from ``--kubeconfig`` or ``--in-cluster`` (or, when neither is given,
 ``$SNAPCACHE_KUBECONFIG`` / ``$SNAPCACHE_KUBE_IN_CLUSTER`` as ``serve`` reads them); the registry
 at the global ``--registry``. It starts even while the registry or the API server is away and
-catches up once they answer.
+catches up once they answer. TLS and the token to the registry come from the global client
+options (``--tls-ca``, ``--client-cert``/``--client-key``, ``--token``/``--client-token-file``);
+the operator creates and deletes caches, so its token is a writer's.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from services.operator.server import OperatorApp, OperatorConfig
-from snapcache_cli.client import CommandFailed
+from snapcache_cli.client import CommandFailed, client_security
 from snapcache_cli.serve import wait_for_signal
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ def operator_config(args: argparse.Namespace) -> OperatorConfig:
         kubeconfig=kubeconfig.expanduser().resolve() if kubeconfig is not None else None,
         in_cluster=in_cluster,
         metrics_listen=args.metrics_listen,
+        registry_security=client_security(args),
     )
 
 

@@ -5,11 +5,19 @@ balancers and kubelet probes stop sending work) and then stopped in reverse orde
 cache registry comes first; the matcher follows it over the wire (as it does when they run as
 separate pods), so it is started with the registry's real address; the scheduler extender comes
 last and asks the matcher at its real address the same way.
+
+Security: both gRPC servers take the same ``--tls-*`` and ``--token-file`` options; the matcher
+and the extender reach the registry and the matcher with the global client options
+(``--tls-ca``, ``--client-cert``, ``--token``...), as separate pods would. gRPC in plaintext is
+served on loopback by default and elsewhere only with ``--plaintext``, so exposing an
+unencrypted API is a choice someone wrote down.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import ipaddress
 import logging
 import os
 import signal
@@ -25,7 +33,17 @@ from sqlalchemy.exc import SQLAlchemyError
 from services.cache_registry.server import RegistryApp, RegistryConfig, ZoneConfig
 from services.extender.server import ExtenderApp, ExtenderConfig
 from services.matcher.server import MatcherApp, MatcherConfig
-from snapcache_cli.client import CommandFailed
+from snapcache.access import (
+    DEFAULT_EXEMPT,
+    AccessPolicy,
+    Identities,
+    IdentityFile,
+    exempt_services,
+    parse_role,
+)
+from snapcache.grpc_server import PLAINTEXT, ServerSecurity
+from snapcache.tls import PLAINTEXT_CHANNEL, ClientSecurity, ServerTls
+from snapcache_cli.client import CommandFailed, client_security
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +95,10 @@ class RegistryComponent:
             self.stop()
             raise
         database = self.app.engine.url.render_as_string(hide_password=True)
-        return f"{self.name} on {self.address} (data {self.config.data_dir}, database {database})"
+        return (
+            f"{self.name} on {self.address} ({self.config.security.describe()}, "
+            f"data {self.config.data_dir}, database {database})"
+        )
 
     def drain(self) -> None:
         """Health NOT_SERVING for the registry's services."""
@@ -98,6 +119,8 @@ class MatcherComponent:
     listen: str
     registry: Callable[[], str]
     metrics_listen: str = ""
+    security: ServerSecurity = PLAINTEXT
+    registry_security: ClientSecurity = PLAINTEXT_CHANNEL
     name: str = "matcher"
     app: MatcherApp | None = None
 
@@ -110,7 +133,11 @@ class MatcherComponent:
     def start(self) -> str:
         """Start serving and wait (bounded) for the first load of the index."""
         config = MatcherConfig(
-            registry_target=self.registry(), listen=self.listen, metrics_listen=self.metrics_listen
+            registry_target=self.registry(),
+            listen=self.listen,
+            metrics_listen=self.metrics_listen,
+            security=self.security,
+            registry_security=self.registry_security,
         )
         self.app = MatcherApp(config)
         try:
@@ -121,7 +148,7 @@ class MatcherComponent:
         status = self.app.sync.status()
         loaded = f"{status.cache_count} caches indexed" if status.loaded else "index still loading"
         metrics = f", metrics on :{self.app.metrics_port}" if self.app.metrics_port else ""
-        return f"{self.name} on {self.address} ({loaded}{metrics})"
+        return f"{self.name} on {self.address} ({self.security.describe()}, {loaded}{metrics})"
 
     def drain(self) -> None:
         """Health NOT_SERVING."""
@@ -144,6 +171,7 @@ class ExtenderComponent:
     default_mode: str = "off"
     kubeconfig: Path | None = None
     in_cluster: bool = False
+    matcher_security: ClientSecurity = PLAINTEXT_CHANNEL
     name: str = "scheduler extender"
     app: ExtenderApp | None = None
 
@@ -155,6 +183,7 @@ class ExtenderComponent:
             default_mode=self.default_mode,
             kubeconfig=self.kubeconfig,
             in_cluster=self.in_cluster,
+            matcher_security=self.matcher_security,
         )
         self.app = ExtenderApp(config)
         try:
@@ -316,6 +345,14 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
         "--max-concurrent-builds", type=int, default=2, metavar="N", help="builds at once (default 2)"
     )
     serve.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="work leases last this long without renewal: how soon another replica takes over the "
+        "builds of one that died (default 30)",
+    )
+    serve.add_argument(
         "--kubeconfig",
         type=Path,
         default=None,
@@ -365,7 +402,132 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
         metavar="HOST:PORT",
         help="serve the matcher's Prometheus /metrics here (default: not served)",
     )
+    _add_security_options(serve)
     serve.set_defaults(handler=run_serve, default_log_level="info")
+
+
+def _add_security_options(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group(
+        "security of the gRPC servers",
+        "The registry and the matcher serve with these; to reach them, the matcher and the extender "
+        "use the global --tls-ca, --tls-server-name, --client-cert, --client-key, --token and "
+        "--client-token-file (the matcher needs a writer: it reports matches to the registry).",
+    )
+    group.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="serve TLS with this certificate chain (PEM), read again when it changes on disk",
+    )
+    group.add_argument("--tls-key", type=Path, default=None, metavar="PATH", help="the key of --tls-cert")
+    group.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="require client certificates signed by this CA (mutual TLS); their common name or a "
+        "subject alternative name may be given a role in --token-file as cert:NAME,USER,ROLE",
+    )
+    group.add_argument(
+        "--tls-client-role",
+        choices=("reader", "writer"),
+        default="",
+        help="role of any client certificate --tls-client-ca verified that --token-file does not name "
+        "(default: such a client is refused)",
+    )
+    group.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="require callers to be identified: TOKEN,USER,ROLE lines (role reader or writer), sent as "
+        "'authorization: Bearer TOKEN'; read again when it changes (default: no authentication)",
+    )
+    group.add_argument(
+        "--auth-exempt",
+        default=",".join(DEFAULT_EXEMPT),
+        metavar="SERVICES",
+        help="services anyone may call when authentication is on, comma-separated from health and "
+        "reflection; '' for none (default %(default)s)",
+    )
+    group.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="allow gRPC without TLS on an address other than loopback (default: refused)",
+    )
+
+
+def is_loopback(address: str) -> bool:
+    """True for ``127.0.0.1:P``, ``[::1]:P`` and ``localhost:P``; False for all interfaces."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def server_security(args: argparse.Namespace, *, addresses: Sequence[str]) -> ServerSecurity:
+    """TLS and access control for the gRPC servers at ``addresses``, from ``serve`` options."""
+    tls: ServerTls | None = None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CommandFailed("--tls-cert and --tls-key go together", exit_code=2)
+    if args.tls_cert is not None:
+        if args.plaintext:
+            raise CommandFailed("--plaintext contradicts --tls-cert", exit_code=2)
+        client_ca = args.tls_client_ca.expanduser() if args.tls_client_ca is not None else None
+        tls = ServerTls(cert=args.tls_cert.expanduser(), key=args.tls_key.expanduser(), client_ca=client_ca)
+    elif args.tls_client_ca is not None:
+        raise CommandFailed("--tls-client-ca needs --tls-cert and --tls-key", exit_code=2)
+    else:
+        exposed = [a for a in addresses if not is_loopback(a)]
+        if exposed and not args.plaintext:
+            raise CommandFailed(
+                f"refusing to serve gRPC in plaintext on {', '.join(exposed)}: give --tls-cert and "
+                "--tls-key, or --plaintext to choose plaintext",
+                exit_code=2,
+            )
+    if args.tls_client_role and args.tls_client_ca is None:
+        raise CommandFailed("--tls-client-role needs --tls-client-ca", exit_code=2)
+    access: AccessPolicy | None = None
+    try:
+        if tls is not None:
+            tls.validate()
+        if args.token_file is not None or args.tls_client_role:
+            exempt = [name.strip() for name in args.auth_exempt.split(",") if name.strip()]
+            access = AccessPolicy(
+                IdentityFile(args.token_file.expanduser()) if args.token_file is not None else Identities,
+                certificate_role=parse_role(args.tls_client_role) if args.tls_client_role else None,
+                exempt=exempt_services(exempt),
+            )
+    except OSError as exc:
+        raise CommandFailed(f"cannot read {exc.filename}: {exc.strerror}", exit_code=2) from exc
+    except ValueError as exc:
+        raise CommandFailed(f"invalid security configuration: {exc}", exit_code=2) from exc
+    return ServerSecurity(tls=tls, access=access)
+
+
+def internal_client_security(args: argparse.Namespace, security: ServerSecurity) -> ClientSecurity:
+    """How the matcher and extender of this process reach the servers it runs, checked against them."""
+    client = client_security(args)
+    if security.tls is not None and not client.tls:
+        raise CommandFailed(
+            "the matcher and extender reach this process's TLS servers as clients: give --tls-ca "
+            "(and --tls-server-name if the certificate does not name the listen host)",
+            exit_code=2,
+        )
+    if security.client_certificates and client.cert is None:
+        raise CommandFailed(
+            "with --tls-client-ca, give --client-cert and --client-key for the matcher", exit_code=2
+        )
+    if security.access is not None and client.cert is None and client.token_source() is None:
+        raise CommandFailed(
+            "with --token-file, give the matcher a writer's --token, $SNAPCACHE_TOKEN or --client-token-file",
+            exit_code=2,
+        )
+    return client
 
 
 def registry_config(args: argparse.Namespace) -> RegistryConfig:
@@ -381,6 +543,7 @@ def registry_config(args: argparse.Namespace) -> RegistryConfig:
         database_url=database_url(args.database_url),
         zones=tuple(args.zone or DEFAULT_ZONES),
         max_concurrent_builds=args.max_concurrent_builds,
+        lease_seconds=args.lease_seconds,
         instance_id=args.instance_id,
         **kube,
     )
@@ -418,23 +581,34 @@ def run_serve(args: argparse.Namespace) -> int:
     def matcher_address() -> str:
         return matcher.address if matcher is not None else str(args.matcher)
 
-    if args.only in ("", "registry"):
-        config = registry_config(args)
+    runs_registry = args.only in ("", "registry")
+    runs_matcher = args.only == "matcher" or (not args.only and args.matcher_listen != "off")
+    grpc_addresses = [args.listen] * runs_registry + [args.matcher_listen] * runs_matcher
+    security = server_security(args, addresses=grpc_addresses)
+    if args.only or not runs_matcher:
+        clients = client_security(args)  # the servers it reaches are elsewhere: as configured
+    else:
+        clients = internal_client_security(args, security)
+    if runs_registry:
+        config = dataclasses.replace(registry_config(args), security=security)
         try:
             config.validate()
         except ValueError as exc:
             raise CommandFailed(f"invalid configuration: {exc}", exit_code=2) from exc
         registry = RegistryComponent(config)
         components.append(registry)
-    if args.only == "matcher" or (not args.only and args.matcher_listen != "off"):
+    if runs_matcher:
         matcher = MatcherComponent(
             listen=args.matcher_listen,
             registry=registry_address,
             metrics_listen=args.metrics_listen,
+            security=security,
+            registry_security=clients,
         )
         components.append(matcher)
     if args.only == "extender" or (not args.only and matcher is not None and args.extender_listen != "off"):
-        components.append(extender_component(args, matcher_address))
+        extender = extender_component(args, matcher_address)
+        components.append(dataclasses.replace(extender, matcher_security=clients))
     where = start_or_explain(components)
     print("snapcache serving: " + "; ".join(where), flush=True)
     try:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import grpc
 
 from services.extender.matches import Candidate, MatchAnswer, MatchQuery
+from snapcache.tls import PLAINTEXT_CHANNEL, ClientSecurity, open_channel
 from snapcache.v1 import matcher_pb2 as mpb
 from snapcache.v1 import matcher_pb2_grpc as mpb_grpc
 
@@ -32,11 +33,13 @@ class MatcherClient:
         *,
         budget_seconds: float,
         on_fail_open: Callable[[str], None] = lambda _code: None,
+        security: ClientSecurity = PLAINTEXT_CHANNEL,
     ) -> None:
         # Reconnect soon after a matcher restart: gRPC's default backoff grows to two minutes,
         # all of it failing open.
-        self._channel = grpc.insecure_channel(
+        self._channel = open_channel(
             target,
+            security,
             options=[
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.min_reconnect_backoff_ms", 100),

@@ -24,6 +24,7 @@ from services.extender.pod_events import PodEvents
 from services.extender.pods import parse_default_mode
 from services.extender.scheduling import EventSink, NoEvents, Scheduling
 from snapcache.kube_clients import kube_api_client
+from snapcache.tls import PLAINTEXT_CHANNEL, ClientSecurity
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class ExtenderConfig:
     in_cluster: bool = False
     node_watch_timeout_seconds: int = 60
     freeze_gc: bool = True
+    # how to reach the matcher: TLS, client certificate, token (a reader is enough)
+    matcher_security: ClientSecurity = PLAINTEXT_CHANNEL
 
     def validate(self) -> None:
         """Refuse a bad configuration at start-up rather than at the first request."""
@@ -62,6 +65,7 @@ class ExtenderConfig:
             raise ValueError("max_body_bytes must be >= 1024")
         if self.kubeconfig is not None and self.in_cluster:
             raise ValueError("give a kubeconfig or in_cluster, not both")
+        self.matcher_security.validate()
 
 
 class ExtenderApp:
@@ -93,6 +97,7 @@ class ExtenderApp:
             config.matcher_target,
             budget_seconds=config.matcher_budget_seconds,
             on_fail_open=self.metrics.fail_open,
+            security=config.matcher_security,
         )
         self.scheduling = Scheduling(
             match=self.matcher.match,

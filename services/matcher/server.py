@@ -11,14 +11,20 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-import grpc
 from grpc_health.v1 import health_pb2
 
 from services.matcher.hits import HitReporter
 from services.matcher.index_sync import IndexSync, SyncSettings
 from services.matcher.metrics import MatcherMetrics
 from services.matcher.servicer import SERVICE_NAME, MatcherServicer
-from snapcache.grpc_server import AioRunningServer, ServiceBinding, create_aio_server
+from snapcache.grpc_server import (
+    PLAINTEXT,
+    AioRunningServer,
+    ServerSecurity,
+    ServiceBinding,
+    create_aio_server,
+)
+from snapcache.tls import PLAINTEXT_CHANNEL, ClientSecurity, open_channel
 from snapcache.v1 import matcher_pb2_grpc as mpb_grpc
 
 log = logging.getLogger(__name__)
@@ -41,6 +47,9 @@ class MatcherConfig:
     metrics_listen: str = ""  # host:port for /metrics; "" for none
     sync: SyncSettings = field(default_factory=SyncSettings)
     status_check_seconds: float = 1.0
+    security: ServerSecurity = PLAINTEXT  # TLS and access control of the matcher's gRPC API
+    # how to reach the registry: TLS, client certificate, token (a writer: it reports matches)
+    registry_security: ClientSecurity = PLAINTEXT_CHANNEL
 
     def validate(self) -> None:
         """Refuse a bad configuration at start-up rather than at the first request."""
@@ -50,6 +59,8 @@ class MatcherConfig:
             raise ValueError("hit_flush_seconds and status_check_seconds must be > 0")
         if not 1 <= self.sync.page_size <= 1000:
             raise ValueError("sync page_size must be 1 to 1000")
+        self.security.validate()
+        self.registry_security.validate()
 
 
 class MatcherApp:
@@ -58,8 +69,9 @@ class MatcherApp:
     def __init__(self, config: MatcherConfig) -> None:
         config.validate()
         self.config = config
-        self.channel = grpc.insecure_channel(
+        self.channel = open_channel(
             config.registry_target,
+            config.registry_security,
             options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
         )
         self.sync = IndexSync(self.channel, settings=config.sync)
@@ -96,7 +108,9 @@ class MatcherApp:
 
     def start(self, *, wait_loaded_seconds: float = 0.0) -> MatcherApp:
         """Start following the registry and serving; optionally wait for the first load."""
-        self.server = create_aio_server(self.config.listen, self.bindings(), thread_name="matcher-grpc")
+        self.server = create_aio_server(
+            self.config.listen, self.bindings(), thread_name="matcher-grpc", security=self.config.security
+        )
         self._update_health()
         self.sync.start()
         self.hits.start()

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import grpc
-
 from services.operator.cache_book import CacheBook
 from services.operator.cache_feed import CacheFeed
 from services.operator.kube_resources import ImageCacheResources
@@ -26,6 +24,7 @@ from services.operator.registry_client import RegistryClient
 from services.operator.work_queue import WorkQueue
 from snapcache.kube_clients import kube_api_client
 from snapcache.registry_feed import FeedSettings
+from snapcache.tls import PLAINTEXT_CHANNEL, ClientSecurity, open_channel
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +47,8 @@ class OperatorConfig:
     retry: RetrySettings = field(default_factory=RetrySettings)
     watch_timeout_seconds: int = 60
     feed_check_seconds: float = 1.0
+    # how to reach the registry: TLS, client certificate, token (a writer: it creates caches)
+    registry_security: ClientSecurity = PLAINTEXT_CHANNEL
 
     def validate(self) -> None:
         """Refuse a bad configuration at start-up rather than at the first ImageCache."""
@@ -57,6 +58,7 @@ class OperatorConfig:
             raise ValueError("give exactly one of a kubeconfig or in-cluster Kubernetes access")
         if self.kubeconfig is not None and not self.kubeconfig.is_file():
             raise ValueError(f"kubeconfig {self.kubeconfig} is not a file")
+        self.registry_security.validate()
 
 
 class OperatorApp:
@@ -73,8 +75,9 @@ class OperatorApp:
         )
         # gRPC's default reconnect backoff grows to two minutes: a restarted registry would leave
         # statuses stale (and changes unapplied) that long
-        self.channel = grpc.insecure_channel(
+        self.channel = open_channel(
             config.registry_target,
+            config.registry_security,
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.initial_reconnect_backoff_ms", 100),
