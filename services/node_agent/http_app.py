@@ -477,6 +477,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command not in ("GET", "HEAD"):
             self.close_connection = True  # its body, if any, is not read
         out = _SocketResponder(self)
+        log.debug("%s %s", self.command, self.path[:300])
         try:
             self.server.mirror.handle(self.command, self.path, headers, out)
         except OSError:  # the client went away

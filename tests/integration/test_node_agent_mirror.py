@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -437,3 +438,87 @@ def test_private_images_pass_through_only_with_the_clients_own_credentials(
     scope = "repository:private/app:pull"
     assert token_oci_registry.tokens.issued(user="", scope=scope) >= 1
     assert token_oci_registry.tokens.issued(user=READER, scope=scope) >= 1
+
+
+@pytest.fixture
+def containerd(tmp_path: Path) -> Iterator[str]:
+    """A containerd of the test's own (root, state and socket in a temp dir; no CRI): its socket."""
+    if shutil.which("containerd") is None or shutil.which("ctr") is None:
+        pytest.skip("containerd is not installed (apt-get install containerd)")
+    base = Path(tempfile.mkdtemp(prefix="sc-ctrd-", dir="/tmp"))  # a socket path must stay short
+    socket_path = base / "c.sock"
+    config = base / "config.toml"
+    config.write_text(
+        "version = 2\n"
+        f'root = "{base / "root"}"\n'
+        f'state = "{base / "state"}"\n'
+        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+        "[grpc]\n"
+        f'  address = "{socket_path}"\n'
+    )
+    log = (tmp_path / "containerd.log").open("wb")
+    process = subprocess.Popen(
+        ["containerd", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while subprocess.run(
+            ["ctr", "--address", str(socket_path), "version"], capture_output=True
+        ).returncode:
+            assert process.poll() is None, (tmp_path / "containerd.log").read_text()
+            assert time.monotonic() < deadline, "containerd did not start"
+            time.sleep(0.1)
+        yield str(socket_path)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        log.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_containerd_pulls_a_cached_image_through_the_mirror_with_no_blob_from_upstream(
+    world: World, agent: NodeAgentApp, containerd: str
+) -> None:
+    """containerd's own resolver and fetcher, configured by the hosts.toml the agent wrote."""
+    assert agent.config.hosts_dir is not None
+    since = len(world.upstream.read_log())
+    reference = f"{world.upstream.host}/demo/app:2.0"
+    pulled = subprocess.run(
+        [
+            "ctr",
+            "--address",
+            containerd,
+            "-n",
+            "snapcache-test",
+            "images",
+            "pull",
+            "--snapshotter",
+            "native",
+            "--hosts-dir",
+            str(agent.config.hosts_dir),
+            reference,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    listed = subprocess.run(
+        ["ctr", "--address", containerd, "-n", "snapcache-test", "images", "ls"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert world.app_digest in listed.stdout
+    assert _upstream_requests(world.upstream, since, "/v2/demo/app/") == []
+    assert _metric(agent, "snapcache_node_agent_served_bytes_total", source="disk") >= sum(
+        layer.size for layer in world.app_image.layers
+    )
