@@ -8,15 +8,22 @@ service descriptor, so an RPC added later is covered without touching this file.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import re
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from google.protobuf import descriptor, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -33,7 +40,8 @@ from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
 from snapcache.v1 import image_cache_pb2 as pb
 from snapcache.v1 import matcher_pb2 as mpb
 from snapcache.v1 import matcher_pb2_grpc as mpb_grpc
-from snapcache_cli.main import main
+from snapcache_cli.main import build_parser, main
+from snapcache_cli.operator_command import operator_config
 from tests.support.certificates import Issued, Pki, serial_of
 from tests.support.fake_provider import FakeProvider
 from tests.support.registry_harness import Harness, build_harness, close_harness
@@ -52,6 +60,7 @@ REGISTRY_METHODS: list[descriptor.MethodDescriptor] = list(
 # fresh connections for each channel: grpc shares subchannels between channels to one target
 FRESH = [("grpc.use_local_subchannel_pool", 1)]
 WAIT_SECONDS = 10.0
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "extender"
 
 
 @dataclass
@@ -524,3 +533,182 @@ def test_serve_refuses_auth_without_an_identity_for_its_own_matcher(
     assert "give --tls-ca" in capsys.readouterr().err
     assert main([*base, "--tls-ca", str(certs.pki.ca), "--token", ""]) == 2
     assert "give the matcher a writer's --token" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.e2e
+def test_serve_process_with_tls_and_tokens_end_to_end(
+    tmp_path: Path, certs: Certificates, identity_file: Path
+) -> None:
+    """`snapcache serve` on TLS + tokens: its matcher follows its registry, its extender asks its matcher."""
+    ports = {name: free_port() for name in ("registry", "matcher", "extender", "metrics")}
+    writer_token = tmp_path / "matcher.token"
+    writer_token.write_text("writer-token\n")
+    command = [
+        sys.executable,
+        "-m",
+        "snapcache_cli.main",
+        "serve",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--listen",
+        f"127.0.0.1:{ports['registry']}",
+        "--matcher-listen",
+        f"127.0.0.1:{ports['matcher']}",
+        "--extender-listen",
+        f"127.0.0.1:{ports['extender']}",
+        "--extender-default",
+        "auto",
+        "--metrics-listen",
+        f"127.0.0.1:{ports['metrics']}",
+        "--tls-cert",
+        str(certs.server.cert),
+        "--tls-key",
+        str(certs.server.key),
+        "--token-file",
+        str(identity_file),
+        "--tls-ca",
+        str(certs.pki.ca),
+        "--client-token-file",
+        str(writer_token),
+    ]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SNAPCACHE_")}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment)
+    try:
+        with channel_to_port(ports["matcher"], tls_client(certs, token="reader-token")) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def serving() -> bool:
+                try:
+                    answer = health.Check(
+                        health_pb2.HealthCheckRequest(service="snapcache.v1.MatcherService.IndexFeed"),
+                        timeout=2,
+                    )
+                except grpc.RpcError:
+                    return process.poll() is not None  # ends the wait; asserted below
+                return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+            eventually(serving, what="the matcher following the registry over TLS with its token")
+            assert process.poll() is None, log_path.read_text()
+            status = mpb_grpc.MatcherServiceStub(channel).GetIndexStatus(
+                mpb.GetIndexStatusRequest(), timeout=5
+            )
+            assert status.loaded and status.live
+        body = json.loads((FIXTURES / "kube-scheduler-1.20-prioritize-request-nodenames.json").read_text())
+        pod = body["Pod"]
+        pod["metadata"].setdefault("annotations", {})["snapcache.io/use-image-cache"] = "auto"
+        base = f"http://127.0.0.1:{ports['extender']}"
+        eventually(lambda: httpx.get(f"{base}/healthz", timeout=2).status_code == 200, what="the extender")
+        answer = httpx.post(f"{base}/prioritize", json=body, timeout=5)
+        assert answer.status_code == 200
+        metrics = httpx.get(f"{base}/metrics", timeout=5).text
+        assert not re.search(r"^snapcache_extender_fail_open_total\{.*\} [1-9]", metrics, re.MULTILINE), (
+            metrics
+        )
+        # and the matcher did answer it, over TLS with the extender's token
+        answers = httpx.get(f"http://127.0.0.1:{ports['metrics']}/metrics", timeout=5).text
+        assert re.search(r"^snapcache_matcher_answers_total\{.*\} [1-9]", answers, re.MULTILINE), answers
+        with channel_to_port(ports["registry"], tls_client(certs)) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                api_grpc.CacheRegistryServiceStub(channel).ListImageCaches(
+                    api.ListImageCachesRequest(), timeout=5
+                )
+            assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert "TLS, auth" in log_path.read_text()
+    assert "writer-token" not in log_path.read_text() and "reader-token" not in log_path.read_text()
+
+
+def channel_to_port(port: int, security: ClientSecurity) -> grpc.Channel:
+    return open_channel(f"127.0.0.1:{port}", security, options=FRESH)
+
+
+def test_cli_match_reaches_a_tls_matcher_with_a_token(
+    secure_matcher: MatcherApp, certs: Certificates, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = ["--matcher", f"127.0.0.1:{secure_matcher.port}", "--tls-ca", str(certs.pki.ca)]
+    assert main(["match", "nginx:1.25", *target, "--token", "not-a-token"]) == 1
+    assert "UNAUTHENTICATED TOKEN_INVALID" in capsys.readouterr().err
+    assert main(["-o", "json", "match", "nginx:1.25", *target, "--token", "reader-token"]) == 0
+    assert "NO_MATCH" in capsys.readouterr().out
+
+
+def test_operator_reaches_the_registry_with_the_global_client_options(
+    tmp_path: Path, certs: Certificates
+) -> None:
+    token_file = tmp_path / "operator.token"
+    token_file.write_text("writer-token\n")
+    client = certs.matcher_client
+    args = build_parser().parse_args(
+        [
+            "operator",
+            "--kubeconfig",
+            str(tmp_path / "kubeconfig"),
+            "--tls-ca",
+            str(certs.pki.ca),
+            "--client-cert",
+            str(client.cert),
+            "--client-key",
+            str(client.key),
+            "--client-token-file",
+            str(token_file),
+            "--tls-server-name",
+            "localhost",
+        ]
+    )
+    security = operator_config(args).registry_security
+    assert security == ClientSecurity(
+        ca=certs.pki.ca, cert=client.cert, key=client.key, server_name="localhost", token_file=token_file
+    )
+    source = security.token_source()
+    assert source is not None and source() == "writer-token"
+
+
+SECURITY_FLAGS = {
+    "serve": (
+        "--tls-cert",
+        "--tls-key",
+        "--tls-client-ca",
+        "--tls-client-role",
+        "--token-file",
+        "--auth-exempt",
+        "--plaintext",
+    ),
+    "every command": (
+        "--tls-ca",
+        "--tls-server-name",
+        "--client-cert",
+        "--client-key",
+        "--token",
+        "--client-token-file",
+    ),
+}
+
+
+@pytest.mark.parametrize("flag", [f for flags in SECURITY_FLAGS.values() for f in flags])
+def test_security_flags_have_help_and_are_in_the_readme(flag: str) -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert f"`{flag}" in readme
+    commands = ("serve",) if flag in SECURITY_FLAGS["serve"] else ("serve", "operator", "match", "cache list")
+    parser = build_parser()
+    for command in commands:
+        words = command.split()
+        sub: argparse.ArgumentParser = parser
+        for word in words:
+            actions = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+            sub = actions[0].choices[word]
+        action = next(a for a in sub._actions if flag in a.option_strings)
+        assert action.help and action.help != argparse.SUPPRESS, (command, flag)
