@@ -10,7 +10,8 @@ Security: both gRPC servers take the same ``--tls-*`` and ``--token-file`` optio
 and the extender reach the registry and the matcher with the global client options
 (``--tls-ca``, ``--client-cert``, ``--token``...), as separate pods would. gRPC in plaintext is
 served on loopback by default and elsewhere only with ``--plaintext``, so exposing an
-unencrypted API is a choice someone wrote down.
+unencrypted API is a choice someone wrote down. The extender serves HTTPS with the same
+``--tls-*`` files (kube-scheduler's ``enableHTTPS``); its caller, the scheduler, sends no token.
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ class ExtenderComponent:
     kubeconfig: Path | None = None
     in_cluster: bool = False
     matcher_security: ClientSecurity = PLAINTEXT_CHANNEL
+    tls: ServerTls | None = None
     name: str = "scheduler extender"
     app: ExtenderApp | None = None
 
@@ -184,6 +186,7 @@ class ExtenderComponent:
             kubeconfig=self.kubeconfig,
             in_cluster=self.in_cluster,
             matcher_security=self.matcher_security,
+            tls=self.tls,
         )
         self.app = ExtenderApp(config)
         try:
@@ -197,7 +200,8 @@ class ExtenderComponent:
         else:
             nodes = f"{cache.size()} nodes" if cache.synced() else "nodes still listing"
         where = f"{self.listen.rpartition(':')[0]}:{self.app.port}"
-        return f"{self.name} on http://{where} (matcher {config.matcher_target}, {nodes})"
+        scheme = "http" if self.tls is None else "https"
+        return f"{self.name} on {scheme}://{where} (matcher {config.matcher_target}, {nodes})"
 
     def drain(self) -> None:
         """/healthz answers 503."""
@@ -408,8 +412,9 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
 
 def _add_security_options(serve: argparse.ArgumentParser) -> None:
     group = serve.add_argument_group(
-        "security of the gRPC servers",
-        "The registry and the matcher serve with these; to reach them, the matcher and the extender "
+        "security of the servers",
+        "The registry and the matcher (gRPC) serve with these, the extender (HTTPS for kube-scheduler) "
+        "with the --tls-* ones; to reach the gRPC servers, the matcher and the extender "
         "use the global --tls-ca, --tls-server-name, --client-cert, --client-key, --token and "
         "--client-token-file (the matcher needs a writer: it reports matches to the registry).",
     )
@@ -454,7 +459,7 @@ def _add_security_options(serve: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--plaintext",
         action="store_true",
-        help="allow gRPC without TLS on an address other than loopback (default: refused)",
+        help="allow serving without TLS on an address other than loopback (default: refused)",
     )
 
 
@@ -470,7 +475,7 @@ def is_loopback(address: str) -> bool:
 
 
 def server_security(args: argparse.Namespace, *, addresses: Sequence[str]) -> ServerSecurity:
-    """TLS and access control for the gRPC servers at ``addresses``, from ``serve`` options."""
+    """TLS and access control for the servers at ``addresses``, from ``serve`` options."""
     tls: ServerTls | None = None
     if (args.tls_cert is None) != (args.tls_key is None):
         raise CommandFailed("--tls-cert and --tls-key go together", exit_code=2)
@@ -485,7 +490,7 @@ def server_security(args: argparse.Namespace, *, addresses: Sequence[str]) -> Se
         exposed = [a for a in addresses if not is_loopback(a)]
         if exposed and not args.plaintext:
             raise CommandFailed(
-                f"refusing to serve gRPC in plaintext on {', '.join(exposed)}: give --tls-cert and "
+                f"refusing to serve in plaintext on {', '.join(exposed)}: give --tls-cert and "
                 "--tls-key, or --plaintext to choose plaintext",
                 exit_code=2,
             )
@@ -583,8 +588,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
     runs_registry = args.only in ("", "registry")
     runs_matcher = args.only == "matcher" or (not args.only and args.matcher_listen != "off")
-    grpc_addresses = [args.listen] * runs_registry + [args.matcher_listen] * runs_matcher
-    security = server_security(args, addresses=grpc_addresses)
+    runs_extender = args.only == "extender" or (
+        not args.only and runs_matcher and args.extender_listen != "off"
+    )
+    addresses = [args.listen] * runs_registry + [args.matcher_listen] * runs_matcher
+    security = server_security(args, addresses=addresses + [args.extender_listen] * runs_extender)
     if args.only or not runs_matcher:
         clients = client_security(args)  # the servers it reaches are elsewhere: as configured
     else:
@@ -606,9 +614,9 @@ def run_serve(args: argparse.Namespace) -> int:
             registry_security=clients,
         )
         components.append(matcher)
-    if args.only == "extender" or (not args.only and matcher is not None and args.extender_listen != "off"):
+    if runs_extender:
         extender = extender_component(args, matcher_address)
-        components.append(dataclasses.replace(extender, matcher_security=clients))
+        components.append(dataclasses.replace(extender, matcher_security=clients, tls=security.tls))
     where = start_or_explain(components)
     print("snapcache serving: " + "; ".join(where), flush=True)
     try:

@@ -94,6 +94,8 @@ class RegistryConfig:
             raise ValueError("zone max_disks must be >= 0")
         if self.pull_concurrency < 1 or self.max_concurrent_builds < 1:
             raise ValueError("pull_concurrency and max_concurrent_builds must be >= 1")
+        if not 0.5 <= self.lease_seconds <= 3600:
+            raise ValueError("lease_seconds must be 0.5 to 3600")
         if not self.database().startswith(("sqlite", "postgresql")):
             raise ValueError(
                 f"unsupported database URL {self.database()!r}: use sqlite:/// or postgresql+psycopg://"

@@ -663,6 +663,18 @@ def claim_lease(session: Session, *, cache_id: str, owner: str, now: datetime, u
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
+def earliest_foreign_lease_expiry(session: Session, *, owner: str) -> datetime | None:
+    """When the first lease held by another owner runs out (None if there is none)."""
+    found: datetime | None = session.execute(
+        sa.select(sa.func.min(col(CacheRow.lease_expire_time))).where(
+            col(CacheRow.lease_owner) != "", col(CacheRow.lease_owner) != owner
+        )
+    ).scalar_one()
+    if found is None:
+        return None
+    return found if found.tzinfo is not None else found.replace(tzinfo=UTC)
+
+
 def release_lease(session: Session, *, cache_id: str, owner: str) -> None:
     """Give a lease back (no-op if it is not ours)."""
     session.execute(

@@ -87,6 +87,11 @@ class _LeaseLost(Exception):
     pass
 
 
+# Look at expired leases this long after they run out (clock steps between replicas and the
+# database's rounding of timestamps).
+_LEASE_MARGIN_SECONDS = 0.05
+
+
 class LifecycleWorker:
     """Runs lifecycle work in background threads until stopped."""
 
@@ -112,8 +117,10 @@ class LifecycleWorker:
             max_workers=settings.max_concurrent_builds, thread_name_prefix="build"
         )
         self._running: dict[str, Future[None]] = {}
+        self._lost: set[str] = set()  # running work whose lease the keeper could not renew
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._keeper: threading.Thread | None = None
         self._orphans_seen: dict[str, float] = {}
         self._last_housekeeping = 0.0
         self._encoder = encoder  # the wire form written with each version (see store)
@@ -126,6 +133,8 @@ class LifecycleWorker:
         self.reconcile(startup=True)
         self._thread = threading.Thread(target=self._loop, name="lifecycle", daemon=True)
         self._thread.start()
+        self._keeper = threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True)
+        self._keeper.start()
 
     def stop(self, *, timeout: float = 10.0) -> None:
         """Stop taking work and wait for running work (which stops at its next check)."""
@@ -133,25 +142,57 @@ class LifecycleWorker:
         self._signal.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._keeper is not None:
+            self._keeper.join(timeout)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             seen = self._signal.generation
+            wait = self._settings.poll_seconds
             try:
-                self.run_once()
+                wait = self.run_once()
             except SnapcacheError as exc:
                 log.warning("lifecycle pass failed: %s", exc.message)
             except Exception:
                 log.exception("lifecycle pass failed")
-            self._signal.wait(seen=seen, timeout=self._settings.poll_seconds)
+            self._signal.wait(seen=seen, timeout=wait)
 
-    def run_once(self) -> None:
-        """One pass: start due work, run housekeeping now and then."""
+    def _keep_leases(self) -> None:
+        """Renew the lease of every running piece of work, whatever it is doing.
+
+        Progress renews leases too, but a pull can stall (a registry that stops answering) for
+        longer than a lease: without this, another replica would take the build over while this
+        one still runs it. A lease this replica cannot renew (the database says another owner
+        has it) stops that work at its next check.
+        """
+        period = max(self._settings.lease_seconds / 3, 0.05)
+        while not self._stop.wait(period):
+            for cache_id, future in list(self._running.items()):
+                if future.done() or cache_id in self._lost:
+                    continue
+                try:
+                    self._renew(cache_id)
+                except _LeaseLost:
+                    log.warning("lease on %s taken by another owner; stopping that work", cache_id)
+                    self._lost.add(cache_id)
+                except SnapcacheError as exc:  # the database is away: progress will try again
+                    log.warning("lease on %s not renewed: %s", cache_id, exc.message)
+                except Exception:
+                    log.exception("lease keeper failed on %s", cache_id)
+
+    def run_once(self) -> float:
+        """One pass: start due work, run housekeeping now and then; return when to look again.
+
+        That is `poll_seconds`, or sooner when another owner's lease on work runs out (a replica
+        that died): its work is taken over as soon as the lease allows, not at the next poll.
+        """
         self._running = {k: f for k, f in self._running.items() if not f.done()}
+        self._lost &= self._running.keys()
         now = self._clock()
         with self._db.transaction(write=False) as session:
             due = store.caches_needing_work(session, now=now, owner=self._settings.owner)
+            expiry = store.earliest_foreign_lease_expiry(session, owner=self._settings.owner)
         for cache_id in due:
             if cache_id in self._running or self._stop.is_set():
                 continue
@@ -159,6 +200,10 @@ class LifecycleWorker:
         if time.monotonic() - self._last_housekeeping > 30:
             self._last_housekeeping = time.monotonic()
             self.housekeeping()
+        wait = self._settings.poll_seconds
+        if expiry is not None:
+            wait = min(wait, max((expiry - now).total_seconds(), 0.0) + _LEASE_MARGIN_SECONDS)
+        return wait
 
     def wait_idle(self, timeout: float = 30.0) -> None:
         """Block until no work is running (tests and the CLI's one-shot mode)."""
@@ -762,7 +807,8 @@ class _ProgressReporter:
             self._lock.release()
 
     def cancelled(self) -> bool:
-        return self._stop_reason is not None or self._worker._stop.is_set()
+        worker = self._worker
+        return self._stop_reason is not None or worker._stop.is_set() or self.latest.cache_id in worker._lost
 
 
 def _platform(text: str) -> Platform:

@@ -18,11 +18,9 @@ import json
 import logging
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -42,6 +40,7 @@ from services.operator.cache_specs import cache_id_for
 from snapcache.v1 import cache_registry_pb2 as api
 from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
 from snapcache.v1 import image_cache_pb2 as pb
+from tests.support.gated_forwarder import GatedForwarder
 from tests.support.kube_cluster import KubeCluster, free_port
 from tests.support.oci_fixtures import PRIVATE_PASSWORD, PRIVATE_USER, OciRegistry, PushedImages
 
@@ -732,74 +731,6 @@ def test_failures_show_in_status_and_events(env: Env) -> None:
     assert registry.get(cache_id_for(refused["metadata"]["uid"])) is None
     events = imagecaches.events(refused["metadata"]["name"])
     assert [(e.type, e.reason) for e in events] == [("Warning", "InvalidSpec")]
-
-
-class GatedForwarder:
-    """127.0.0.1:port -> target, holding every connection until `open()` (a registry that stalls)."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.2)
-        self.port = self.listener.getsockname()[1]
-        self.gate = threading.Event()
-        self.stopping = threading.Event()
-        self.held = 0
-        self.sockets: list[socket.socket] = []
-        self.threads = [threading.Thread(target=self._accept, daemon=True)]
-        self.threads[0].start()
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def open(self) -> None:
-        self.gate.set()
-
-    def _accept(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                downstream, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.held += 1
-            self.sockets.append(downstream)
-            thread = threading.Thread(target=self._serve, args=(downstream,), daemon=True)
-            thread.start()
-            self.threads.append(thread)
-
-    def _serve(self, downstream: socket.socket) -> None:
-        while not self.gate.wait(0.1):
-            if self.stopping.is_set():
-                return
-        downstream.settimeout(None)
-        upstream = socket.create_connection(self.target)
-        self.sockets.append(upstream)
-        pump = threading.Thread(target=self._pump, args=(upstream, downstream), daemon=True)
-        pump.start()
-        self._pump(downstream, upstream)
-        pump.join(timeout=5)
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while chunk := source.recv(65536):
-                sink.sendall(chunk)
-            sink.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.listener.close()
-        for sock in self.sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-        for thread in self.threads:
-            thread.join(timeout=5)
 
 
 @pytest.fixture
