@@ -4,6 +4,7 @@ pytest_plugins = [
     "tests.support.databases",
     "tests.support.kube_cluster",
     "tests.support.oci_fixtures",
+    "tests.support.private_postgres",
     "tests.support.registry_harness",
     "tests.support.token_auth",
 ]
