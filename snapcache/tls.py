@@ -6,7 +6,8 @@ size changed, so a certificate rotated on disk (cert-manager, a renewed Secret) 
 connections without a restart, while connections already open keep theirs. A half-written
 rotation (a key that does not match its certificate yet) keeps the previous pair and is tried
 again at the next handshake. With a client CA the server requires and verifies a client
-certificate (mutual TLS); the CA is reloaded the same way.
+certificate (mutual TLS); the CA is reloaded the same way. `SSLContextFiles` does the same for
+the standard library's servers (the extender's HTTPS).
 
 Channels (`open_channel`) verify the server with a CA file (or the system's roots), may present a
 client certificate, and may carry a bearer token on every call. The token is added by a client
@@ -22,13 +23,14 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 import grpc
 
 log = logging.getLogger(__name__)
 
 _Stamp = tuple[tuple[int, int], ...]
+_Loaded = TypeVar("_Loaded")
 
 
 @dataclass(frozen=True)
@@ -74,14 +76,15 @@ def _check_ca(ca: Path) -> None:
         raise ValueError(f"TLS CA {ca} does not load: {exc}") from None
 
 
-class CertificateFiles:
-    """grpc's certificate-configuration fetcher: a new configuration only when the files changed."""
+class _ReloadingFiles(Generic[_Loaded]):
+    """Something loaded from a server's TLS files, loaded again when their mtime or size changes."""
 
-    def __init__(self, tls: ServerTls) -> None:
+    def __init__(self, tls: ServerTls, load: Callable[[], _Loaded]) -> None:
         self.tls = tls
+        self._load = load
         self._lock = threading.Lock()
         self._stamp = self._stat()
-        self.initial = self._load()
+        self.current = load()
         self.reloads = 0
 
     def _stat(self) -> _Stamp:
@@ -91,14 +94,8 @@ class CertificateFiles:
             stamps.append((stat.st_mtime_ns, stat.st_size))
         return tuple(stamps)
 
-    def _load(self) -> grpc.ServerCertificateConfiguration:
-        self.tls.validate()
-        pair = (self.tls.key.read_bytes(), self.tls.cert.read_bytes())
-        roots = self.tls.client_ca.read_bytes() if self.tls.client_ca is not None else None
-        return grpc.ssl_server_certificate_configuration([pair], root_certificates=roots)
-
-    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
-        """Called by grpc before a handshake: None keeps the configuration in force."""
+    def changed(self) -> _Loaded | None:
+        """The newly loaded value if the files changed and load; None keeps the current one."""
         try:
             stamp = self._stat()
         except OSError:
@@ -109,14 +106,64 @@ class CertificateFiles:
             if stamp == self._stamp:
                 return None
             try:
-                config = self._load()
+                self.tls.validate()
+                loaded = self._load()
             except (OSError, ValueError) as exc:
                 log.warning("TLS files changed but do not load yet; keeping the previous ones: %s", exc)
                 return None
             self._stamp = stamp
+            self.current = loaded
             self.reloads += 1
         log.info("TLS certificate reloaded from %s", self.tls.cert)
-        return config
+        return loaded
+
+
+class CertificateFiles:
+    """grpc's certificate-configuration fetcher: a new configuration only when the files changed."""
+
+    def __init__(self, tls: ServerTls) -> None:
+        tls.validate()
+        self._files = _ReloadingFiles(tls, lambda: self._configuration(tls))
+        self.initial = self._files.current
+
+    @staticmethod
+    def _configuration(tls: ServerTls) -> grpc.ServerCertificateConfiguration:
+        pair = (tls.key.read_bytes(), tls.cert.read_bytes())
+        roots = tls.client_ca.read_bytes() if tls.client_ca is not None else None
+        return grpc.ssl_server_certificate_configuration([pair], root_certificates=roots)
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        """Called by grpc before a handshake: None keeps the configuration in force."""
+        return self._files.changed()
+
+
+class SSLContextFiles:
+    """An `ssl.SSLContext` for a standard-library server, made again when the files change.
+
+    Ask `context()` for each accepted connection: it costs a stat of each file, and a rotated
+    certificate is used from the next connection on, as grpc's servers do.
+    """
+
+    def __init__(self, tls: ServerTls, *, alpn: Sequence[str] = ("http/1.1",)) -> None:
+        tls.validate()
+        self.tls = tls
+        self._alpn = list(alpn)
+        self._files = _ReloadingFiles(tls, self._build)
+
+    def _build(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.tls.cert, self.tls.key)
+        if self.tls.client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile=str(self.tls.client_ca))
+        context.set_alpn_protocols(self._alpn)
+        return context
+
+    def context(self) -> ssl.SSLContext:
+        """The context for a new connection."""
+        self._files.changed()
+        return self._files.current
 
 
 def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:

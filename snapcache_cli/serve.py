@@ -591,8 +591,9 @@ def run_serve(args: argparse.Namespace) -> int:
     runs_extender = args.only == "extender" or (
         not args.only and runs_matcher and args.extender_listen != "off"
     )
-    addresses = [args.listen] * runs_registry + [args.matcher_listen] * runs_matcher
-    security = server_security(args, addresses=addresses + [args.extender_listen] * runs_extender)
+    served = [args.listen] * runs_registry + [args.matcher_listen] * runs_matcher
+    served += [args.extender_listen] * runs_extender
+    security = server_security(args, addresses=[a for a in served if a != "off"])
     if args.only or not runs_matcher:
         clients = client_security(args)  # the servers it reaches are elsewhere: as configured
     else:

@@ -8,17 +8,24 @@ load, needs no dependency, and runs the blocking gRPC and Kubernetes clients wit
 loop to protect. Bad input is a 400 with a message (413 for a body over the limit, 411 without a
 Content-Length); an unexpected failure is logged and answered fail-open (all nodes pass, every
 score 0), never a 500. Connections have a socket timeout so a slow client cannot hold a thread.
+
+HTTPS: with `snapcache.tls.SSLContextFiles` each accepted connection is wrapped with the context
+of the moment (a certificate rotated on disk is used from the next connection on) and its
+handshake runs on the connection's own thread, under the same socket timeout, so a slow or
+failing handshake never holds up the accept loop.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import compress
-from typing import Final
+from typing import Any, Final
 
 import orjson
 
@@ -32,6 +39,7 @@ from services.extender.api import (
 from services.extender.metrics import ExtenderMetrics
 from services.extender.scheduling import Scheduling
 from snapcache.errors import InvalidArgument, SnapcacheError
+from snapcache.tls import SSLContextFiles
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +144,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: ExtenderHTTPServer
 
     def setup(self) -> None:
+        self.request.settimeout(self.server.socket_timeout)
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()
         super().setup()
-        self.connection.settimeout(self.server.socket_timeout)
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def do_GET(self) -> None:
@@ -211,12 +221,35 @@ class ExtenderHTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(
-        self, address: tuple[str, int], routes: ExtenderRoutes, *, max_body_bytes: int, socket_timeout: float
+        self,
+        address: tuple[str, int],
+        routes: ExtenderRoutes,
+        *,
+        max_body_bytes: int,
+        socket_timeout: float,
+        tls: SSLContextFiles | None = None,
     ) -> None:
         self.routes = routes
         self.max_body_bytes = max_body_bytes
         self.socket_timeout = socket_timeout
+        self.tls = tls
         super().__init__(address, _Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept a connection; with TLS, wrap it (the handshake happens on its thread)."""
+        connection, address = super().get_request()
+        if self.tls is None:
+            return connection, address
+        wrapped = self.tls.context().wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
+        return wrapped, address
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A failed TLS handshake or a dropped connection is the client's business: one log line."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ssl.SSLError, ConnectionError, TimeoutError)):
+            log.info("connection from %s failed: %s", client_address[0], error)
+            return
+        super().handle_error(request, client_address)
 
 
 def serve_in_thread(server: ExtenderHTTPServer) -> threading.Thread:

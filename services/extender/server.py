@@ -24,7 +24,7 @@ from services.extender.pod_events import PodEvents
 from services.extender.pods import parse_default_mode
 from services.extender.scheduling import EventSink, NoEvents, Scheduling
 from snapcache.kube_clients import kube_api_client
-from snapcache.tls import PLAINTEXT_CHANNEL, ClientSecurity
+from snapcache.tls import PLAINTEXT_CHANNEL, ClientSecurity, ServerTls, SSLContextFiles
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ class ExtenderConfig:
     freeze_gc: bool = True
     # how to reach the matcher: TLS, client certificate, token (a reader is enough)
     matcher_security: ClientSecurity = PLAINTEXT_CHANNEL
+    # HTTPS for the scheduler (None: plain HTTP); mutual TLS with a client CA
+    tls: ServerTls | None = None
 
     def validate(self) -> None:
         """Refuse a bad configuration at start-up rather than at the first request."""
@@ -66,6 +68,8 @@ class ExtenderConfig:
         if self.kubeconfig is not None and self.in_cluster:
             raise ValueError("give a kubeconfig or in_cluster, not both")
         self.matcher_security.validate()
+        if self.tls is not None:
+            self.tls.validate()
 
 
 class ExtenderApp:
@@ -139,6 +143,7 @@ class ExtenderApp:
             self.routes,
             max_body_bytes=self.config.max_body_bytes,
             socket_timeout=self.config.socket_timeout_seconds,
+            tls=SSLContextFiles(self.config.tls) if self.config.tls is not None else None,
         )
         self._thread = serve_in_thread(self.http)
         if self.config.freeze_gc:

@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.cache_registry.servicer import SERVICE_NAME, CacheRegistryServicer
+from services.extender.server import ExtenderApp, ExtenderConfig
 from services.matcher.server import MatcherApp, MatcherConfig
 from snapcache.access import DEFAULT_EXEMPT, METHOD_ROLES, AccessPolicy, IdentityFile, Role, exempt_services
 from snapcache.grpc_server import RunningServer, ServerSecurity, ServiceBinding, create_server
@@ -306,10 +307,10 @@ def test_identity_file_changes_apply_without_a_restart(
         assert refusal(channel, create) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_INVALID")  # revoked
 
 
-def presented_serial(port: int, ca: Path) -> int:
+def presented_serial(port: int, ca: Path, *, alpn: str = "h2") -> int:
     """The serial of the certificate the server presents to a new TLS connection."""
     context = ssl.create_default_context(cafile=str(ca))
-    context.set_alpn_protocols(["h2"])
+    context.set_alpn_protocols([alpn])
     with (
         socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
         context.wrap_socket(raw, server_hostname="localhost") as tls,
@@ -509,7 +510,7 @@ def test_cli_reaches_a_tls_registry_with_a_token(
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--listen", "0.0.0.0:0"], "refusing to serve gRPC in plaintext on 0.0.0.0:0"),
+        (["--listen", "0.0.0.0:0"], "refusing to serve in plaintext on 0.0.0.0:0"),
         (["--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
         (["--tls-client-ca", "ca.pem"], "--tls-client-ca needs --tls-cert"),
         (["--token-file", "missing.csv"], "cannot read"),
@@ -604,11 +605,22 @@ def test_serve_process_with_tls_and_tokens_end_to_end(
         body = json.loads((FIXTURES / "kube-scheduler-1.20-prioritize-request-nodenames.json").read_text())
         pod = body["Pod"]
         pod["metadata"].setdefault("annotations", {})["snapcache.io/use-image-cache"] = "auto"
-        base = f"http://127.0.0.1:{ports['extender']}"
-        eventually(lambda: httpx.get(f"{base}/healthz", timeout=2).status_code == 200, what="the extender")
-        answer = httpx.post(f"{base}/prioritize", json=body, timeout=5)
-        assert answer.status_code == 200
-        metrics = httpx.get(f"{base}/metrics", timeout=5).text
+        # the extender serves HTTPS with the same certificate (the scheduler's enableHTTPS)
+        base = f"https://localhost:{ports['extender']}"
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(certs.pki.ca)), timeout=5) as https:
+
+            def extender_healthy() -> bool:
+                try:
+                    return https.get(f"{base}/healthz").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            eventually(extender_healthy, what="the extender")
+            answer = https.post(f"{base}/prioritize", json=body)
+            assert answer.status_code == 200
+            metrics = https.get(f"{base}/metrics").text
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{ports['extender']}/healthz", timeout=5)
         assert not re.search(r"^snapcache_extender_fail_open_total\{.*\} [1-9]", metrics, re.MULTILINE), (
             metrics
         )
@@ -712,3 +724,61 @@ def test_security_flags_have_help_and_are_in_the_readme(flag: str) -> None:
             sub = actions[0].choices[word]
         action = next(a for a in sub._actions if flag in a.option_strings)
         assert action.help and action.help != argparse.SUPPRESS, (command, flag)
+
+
+@pytest.fixture
+def https_extender(certs: Certificates) -> Iterator[ExtenderApp]:
+    app = ExtenderApp(
+        ExtenderConfig(
+            matcher_target="127.0.0.1:1",
+            listen="127.0.0.1:0",
+            freeze_gc=False,
+            tls=ServerTls(cert=certs.server.cert, key=certs.server.key),
+        )
+    )
+    app.start()
+    try:
+        yield app
+    finally:
+        app.stop()
+
+
+def test_extender_serves_https_and_picks_up_a_rotated_certificate(
+    https_extender: ExtenderApp, certs: Certificates
+) -> None:
+    port = https_extender.port
+    verify = ssl.create_default_context(cafile=str(certs.pki.ca))
+    with httpx.Client(verify=verify, timeout=5) as https:
+        assert https.get(f"https://localhost:{port}/healthz").status_code == 200
+        first = serial_of(certs.server.cert.read_bytes())
+        assert presented_serial(port, certs.pki.ca, alpn="http/1.1") == first
+        with pytest.raises(httpx.HTTPError):  # plain HTTP to the HTTPS port
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        certs.pki.server(cert_path=certs.server.cert, key_path=certs.server.key)
+        bump(certs.server.cert, certs.server.key)
+        second = serial_of(certs.server.cert.read_bytes())
+        assert second != first
+        assert presented_serial(port, certs.pki.ca, alpn="http/1.1") == second
+    with httpx.Client(verify=verify, timeout=5) as fresh:  # still serving after the failed handshake
+        assert fresh.get(f"https://localhost:{port}/healthz").status_code == 200
+
+
+def test_extender_mutual_tls_needs_the_schedulers_certificate(certs: Certificates) -> None:
+    app = ExtenderApp(
+        ExtenderConfig(
+            matcher_target="127.0.0.1:1",
+            listen="127.0.0.1:0",
+            freeze_gc=False,
+            tls=ServerTls(cert=certs.server.cert, key=certs.server.key, client_ca=certs.pki.ca),
+        )
+    ).start()
+    try:
+        url = f"https://localhost:{app.port}/healthz"
+        anonymous = ssl.create_default_context(cafile=str(certs.pki.ca))
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url, verify=anonymous, timeout=5)
+        scheduler = ssl.create_default_context(cafile=str(certs.pki.ca))
+        scheduler.load_cert_chain(certs.viewer.cert, certs.viewer.key)
+        assert httpx.get(url, verify=scheduler, timeout=5).status_code == 200
+    finally:
+        app.stop()
