@@ -782,3 +782,31 @@ def test_extender_mutual_tls_needs_the_schedulers_certificate(certs: Certificate
         assert httpx.get(url, verify=scheduler, timeout=5).status_code == 200
     finally:
         app.stop()
+
+
+def test_the_aio_matcher_identifies_callers_by_certificate(
+    tls_registry: RunningServer, certs: Certificates, identity_file: Path
+) -> None:
+    app = MatcherApp(
+        MatcherConfig(
+            registry_target=f"127.0.0.1:{tls_registry.port}",
+            listen="127.0.0.1:0",
+            security=ServerSecurity(
+                tls=ServerTls(cert=certs.server.cert, key=certs.server.key, client_ca=certs.pki.ca),
+                access=policy(identity_file),
+            ),
+            registry_security=tls_client(certs, token="writer-token"),
+        )
+    ).start(wait_loaded_seconds=WAIT_SECONDS)
+    try:
+        status = mpb.GetIndexStatusRequest()
+        with channel_to(app, tls_client(certs, cert=certs.viewer.cert, key=certs.viewer.key)) as channel:
+            assert mpb_grpc.MatcherServiceStub(channel).GetIndexStatus(status, timeout=5).loaded
+        with channel_to(app, tls_client(certs, cert=certs.stranger.cert, key=certs.stranger.key)) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                mpb_grpc.MatcherServiceStub(channel).GetIndexStatus(status, timeout=5)
+            info = error_info(caught.value)
+            assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            assert info is not None and info.reason == "CERTIFICATE_UNKNOWN"
+    finally:
+        app.stop(0)
