@@ -71,10 +71,12 @@ class DiskBlob:
 class _Disk:
     disk_id: str
     path: Path
-    signature: tuple[int, int, int]  # index.json (inode, size, mtime_ns)
+    signature: tuple[int, int, int, int]  # see _signature
     tags: dict[tuple[str, str], str] = field(default_factory=dict)  # (name, tag) -> manifest digest
     manifests: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)  # -> (type, size)
     blobs: dict[tuple[str, str], int] = field(default_factory=dict)  # (name, digest) -> size
+    # (name, platform manifest digest) -> the index the tag pointed at when the cache was built
+    indexes: dict[tuple[str, str], str] = field(default_factory=dict)
     registries: frozenset[str] = frozenset()
 
     def blob_path(self, digest: str) -> Path:
@@ -102,18 +104,21 @@ def media_type_of(document: dict[str, Any]) -> str:
     return OCI_MANIFEST
 
 
-def _signature(index_path: Path) -> tuple[int, int, int] | None:
+def _signature(layout: Path) -> tuple[int, int, int, int] | None:
+    """What changes when a disk's content does: ``index.json`` (inode, size, mtime) and the blob
+    directory's mtime (a blob added or replaced by rename). ``None``: not a layout (yet)."""
     try:
-        stat = index_path.stat()
+        index = (layout / "index.json").stat()
+        blobs = (layout / "blobs" / "sha256").stat()
     except OSError:
         return None
-    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return (index.st_ino, index.st_size, index.st_mtime_ns, blobs.st_mtime_ns)
 
 
 class _DiskReader:
     """Reads one disk's layout into a ``_Disk``; a manifest that fails its digest is left out."""
 
-    def __init__(self, disk_id: str, path: Path, signature: tuple[int, int, int], on_bad: BadCallback):
+    def __init__(self, disk_id: str, path: Path, signature: tuple[int, int, int, int], on_bad: BadCallback):
         self.disk = _Disk(disk_id=disk_id, path=path, signature=signature)
         self._on_bad = on_bad
         self._manifest_names: dict[str, set[str]] = {}  # platform manifest digest -> names
@@ -137,6 +142,7 @@ class _DiskReader:
             tags=self.disk.tags,
             manifests=self.disk.manifests,
             blobs=self.disk.blobs,
+            indexes=self.disk.indexes,
             registries=frozenset(registries),
         )
 
@@ -218,13 +224,14 @@ class _DiskReader:
                 continue
             document, index_size = verified
             listed = document.get("manifests")
-            names: set[str] = set()
             for entry in listed if isinstance(listed, list) else []:
-                if isinstance(entry, dict) and isinstance(entry.get("digest"), str):
-                    names |= self._manifest_names.get(entry["digest"], set())
-            for name in names:
-                self.disk.manifests[(name, digest)] = (media_type_of(document), index_size)
-                self.disk.blobs[(name, digest)] = index_size
+                manifest_digest = entry.get("digest") if isinstance(entry, dict) else None
+                if not isinstance(manifest_digest, str):
+                    continue
+                for name in self._manifest_names.get(manifest_digest, set()):
+                    self.disk.manifests[(name, digest)] = (media_type_of(document), index_size)
+                    self.disk.blobs[(name, digest)] = index_size
+                    self.disk.indexes[(name, manifest_digest)] = digest
 
 
 BadCallback = Callable[[str, str, str], None]
@@ -254,7 +261,7 @@ class DiskCatalogue:
             current = self._disks
             disks: dict[str, _Disk] = {}
             for path in entries:
-                signature = _signature(path / "index.json")
+                signature = _signature(path)
                 if signature is None:
                     continue
                 known = current.get(path.name)
@@ -296,16 +303,31 @@ class DiskCatalogue:
         """Blobs marked bad on disks still attached."""
         return len(self._bad)
 
-    def manifest(self, image: ImageReference) -> DiskManifest | None:
-        """The manifest ``image`` (by tag or digest) names, from the newest disk holding it intact."""
+    def manifests(self, image: ImageReference) -> list[DiskManifest]:
+        """What ``image`` (by tag or digest) names on the newest disk holding it intact, best first.
+
+        By digest: that manifest or index. By tag: the index the tag pointed at when the cache was
+        built, if the image came from one (so the runtime chooses its own platform, as with the
+        registry: another platform's manifest is simply not on the disk and passes through), then
+        the platform manifest, for a client that does not accept indexes.
+        """
         for disk in self._order:
             digest = image.digest or disk.tags.get((image.name, image.tag), "")
             if not digest or (disk.disk_id, digest) in self._bad:
                 continue
             found = disk.manifests.get((image.name, digest))
-            if found is not None:
-                return DiskManifest(disk.disk_id, digest, found[0], disk.blob_path(digest), found[1])
-        return None
+            if found is None:
+                continue
+            answers = [DiskManifest(disk.disk_id, digest, found[0], disk.blob_path(digest), found[1])]
+            index = "" if image.digest else disk.indexes.get((image.name, digest), "")
+            index_found = disk.manifests.get((image.name, index)) if index else None
+            if index_found is not None and (disk.disk_id, index) not in self._bad:
+                answers.insert(
+                    0,
+                    DiskManifest(disk.disk_id, index, index_found[0], disk.blob_path(index), index_found[1]),
+                )
+            return answers
+        return []
 
     def blob(self, name: str, digest: str) -> DiskBlob | None:
         """Blob ``digest`` of repository ``name`` (``registry/repository``) from a disk, if any holds it."""

@@ -147,8 +147,8 @@ class Mirror:
             return
         for source in routed.sources:
             if source is Source.LOCAL:
-                out.send(200, [("Content-Type", _JSON), API_VERSION], b"{}")
                 self.metrics.answered("base", "local", 200)
+                out.send(200, [("Content-Type", _JSON), API_VERSION], b"{}")
                 return
             if source is Source.DISK and self._from_disk(routed, method, headers, out):
                 return
@@ -170,28 +170,32 @@ class Mirror:
         self.catalogue.mark_bad(disk_id, digest, why)  # counted by the catalogue's hook
 
     def _manifest_from_disk(self, image: ImageReference, method: str, accept: str, out: Responder) -> bool:
-        found = self.catalogue.manifest(image)
-        if found is None or not accepts(accept, found.media_type):
-            return False
-        try:
-            fd, size = open_regular(found.path)
-            with os.fdopen(fd, "rb") as handle:
-                data = handle.read(MAX_MANIFEST_BYTES + 1)
-        except OSError as exc:
-            self._bad(found.disk_id, found.digest, f"unreadable: {type(exc).__name__}")
-            return False
-        if size != found.size or digest_of(data) != found.digest:
-            self._bad(found.disk_id, found.digest, "manifest does not match its digest")
-            return False
-        head = [
-            ("Content-Type", found.media_type),
-            ("Docker-Content-Digest", found.digest),
-            ("ETag", f'"{found.digest}"'),
-            API_VERSION,
-        ]
-        out.send(200, [*head, ("Content-Length", str(len(data)))], b"" if method == "HEAD" else data)
-        self.metrics.answered("manifest", "disk", 200, 0 if method == "HEAD" else len(data))
-        return True
+        for found in self.catalogue.manifests(image):
+            if not accepts(accept, found.media_type):
+                continue
+            try:
+                fd, size = open_regular(found.path)
+                with os.fdopen(fd, "rb") as handle:
+                    data = handle.read(MAX_MANIFEST_BYTES + 1)
+            except FileNotFoundError:  # the disk is being released: the next refresh drops it
+                return False
+            except OSError as exc:
+                self._bad(found.disk_id, found.digest, f"unreadable: {type(exc).__name__}")
+                return False
+            if size != found.size or digest_of(data) != found.digest:
+                self._bad(found.disk_id, found.digest, "manifest does not match its digest")
+                return False
+            head = [
+                ("Content-Type", found.media_type),
+                ("Docker-Content-Digest", found.digest),
+                ("ETag", f'"{found.digest}"'),
+                ("Content-Length", str(len(data))),
+                API_VERSION,
+            ]
+            self.metrics.answered("manifest", "disk", 200, 0 if method == "HEAD" else len(data))
+            out.send(200, head, b"" if method == "HEAD" else data)
+            return True
+        return False
 
     def _blob_from_disk(self, image: ImageReference, method: str, range_header: str, out: Responder) -> bool:
         found = self.catalogue.blob(image.name, image.digest)
@@ -199,6 +203,8 @@ class Mirror:
             return False
         try:
             fd, size = open_regular(found.path)
+        except FileNotFoundError:  # the disk is being released: the next refresh drops it
+            return False
         except OSError as exc:
             self._bad(found.disk_id, found.digest, f"unreadable: {type(exc).__name__}")
             return False
@@ -214,8 +220,8 @@ class Mirror:
                 API_VERSION,
             ]
             if method == "HEAD":
-                out.send(200, [*head, ("Content-Length", str(size))], b"")
                 self.metrics.answered("blob", "disk", 200)
+                out.send(200, [*head, ("Content-Length", str(size))], b"")
                 return True
             wanted = parse_range(range_header, size) if range_header else None
             if wanted is not None or size < self._check_whole_below:
@@ -263,8 +269,8 @@ class Mirror:
                 if digest_of(data) != digest:
                     self._bad(disk_id, digest, "blob does not match its digest")
                     return False
-                out.send(200, [*head, ("Content-Length", str(len(data)))], data)
                 self.metrics.answered("blob", "disk", 200, len(data))
+                out.send(200, [*head, ("Content-Length", str(len(data)))], data)
                 return True
             try:
                 relay_verified(
@@ -274,8 +280,8 @@ class Mirror:
                 self._bad(disk_id, digest, str(exc))
                 return False
             if isinstance(wanted, str):
-                out.send(416, [*head, ("Content-Range", f"bytes */{size}"), ("Content-Length", "0")], b"")
                 self.metrics.answered("blob", "disk", 416)
+                out.send(416, [*head, ("Content-Range", f"bytes */{size}"), ("Content-Length", "0")], b"")
                 return True
             first, last = wanted
             handle.seek(first)
@@ -338,8 +344,8 @@ class Mirror:
             if method != "HEAD":
                 head = [(k, v) for k, v in head if k.lower() != "content-length"]
                 head.append(("Content-Length", str(len(body))))
-            out.send(status, head, body)
             self.metrics.answered(kind, "upstream", status, len(body))
+            out.send(status, head, body)
             return
         if request.kind is Kind.MANIFEST:
             body = self._read_limited(response, MAX_MANIFEST_BYTES + 1)
@@ -358,8 +364,8 @@ class Mirror:
                 )
                 return
             head = [(k, v) for k, v in head if k.lower() != "content-length"]
-            out.send(status, [*head, ("Content-Length", str(len(body)))], body)
             self.metrics.answered(kind, "upstream", status, len(body))
+            out.send(status, [*head, ("Content-Length", str(len(body)))], body)
             return
         length_text = response.headers.get("content-length", "")
         expected_size = int(length_text) if length_text.isdigit() and not encoded else None
@@ -410,8 +416,8 @@ class Mirror:
         headers: Headers | None = None,
     ) -> None:
         body = error_body(code, message)
-        out.send(status, [("Content-Type", _JSON), API_VERSION, *(headers or [])], body)
         self.metrics.answered(kind, source, status)
+        out.send(status, [("Content-Type", _JSON), API_VERSION, *(headers or [])], body)
 
 
 class _SocketResponder(Responder):
@@ -474,8 +480,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         headers = {name.lower(): ", ".join(self.headers.get_all(name) or []) for name in self.headers}
-        if self.command not in ("GET", "HEAD"):
-            self.close_connection = True  # its body, if any, is not read
+        has_body = headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in headers
+        if self.command not in ("GET", "HEAD") or has_body:
+            self.close_connection = True  # a body is never read: the connection cannot be reused
         out = _SocketResponder(self)
         log.debug("%s %s", self.command, self.path[:300])
         try:

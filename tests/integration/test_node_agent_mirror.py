@@ -157,6 +157,14 @@ def _metric(agent: NodeAgentApp, name: str, **labels: str) -> float:
     return value or 0.0
 
 
+def _metric_reaches(agent: NodeAgentApp, name: str, floor: float, **labels: str) -> bool:
+    """A streamed answer is counted once its last byte is out: the client may see it first."""
+    deadline = time.monotonic() + 5
+    while _metric(agent, name, **labels) < floor and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _metric(agent, name, **labels) >= floor
+
+
 def _skopeo_copy(source: str, destination: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["skopeo", "copy", "--src-tls-verify=false", source, f"oci:{destination}:copied"],
@@ -187,7 +195,7 @@ def test_a_cached_image_is_pulled_from_the_disk_with_no_blob_from_upstream(
     assert set(expected) <= set(layers)
     assert _upstream_requests(world.upstream, since, "/v2/demo/app/") == []  # not even a manifest
     blob_bytes = sum(layer.size for layer in world.app_image.layers)
-    assert _metric(agent, "snapcache_node_agent_served_bytes_total", source="disk") >= blob_bytes
+    assert _metric_reaches(agent, "snapcache_node_agent_served_bytes_total", blob_bytes, source="disk")
     for kind in ("manifest", "blob"):  # only skopeo's /v2/ probe went upstream (its auth challenge)
         assert (
             _metric(agent, "snapcache_node_agent_requests_total", kind=kind, source="upstream", code="200")
@@ -214,6 +222,17 @@ def test_containerd_style_requests_with_ns_by_tag_and_by_index_digest(
         assert head.status_code == 200
         assert head.headers["docker-content-digest"] == world.app_digest
         assert int(head.headers["content-length"]) > 0 and head.content == b""
+        # a tag built from a multi-arch index answers that index (the runtime picks its platform;
+        # only the cache's platform is on the disk, the others pass through), and the platform
+        # manifest to a client that does not take indexes
+        tagged = client.head("/v2/demo/base/manifests/1.0", params={"ns": ns}, headers={"Accept": accept})
+        assert tagged.headers["docker-content-digest"] == world.base_index_digest
+        single = client.head(
+            "/v2/demo/base/manifests/1.0",
+            params={"ns": ns},
+            headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+        )
+        assert single.headers["docker-content-digest"] == world.base_amd64_digest
         # the multi-arch image by its index digest (a pod pinned by digest), then its amd64 manifest
         index = client.get(
             f"/v2/demo/base/manifests/{world.base_index_digest}",
@@ -254,9 +273,8 @@ def test_an_image_on_no_disk_passes_through_intact(world: World, agent: NodeAgen
     assert _oci_digest(tmp_path / "out") == digest
     fetched = _upstream_requests(world.upstream, since, "/v2/demo/other/blobs/")
     assert len(fetched) >= len(other.layers)
-    assert _metric(agent, "snapcache_node_agent_served_bytes_total", source="upstream") >= sum(
-        layer.size for layer in other.layers
-    )
+    other_bytes = sum(layer.size for layer in other.layers)
+    assert _metric_reaches(agent, "snapcache_node_agent_served_bytes_total", other_bytes, source="upstream")
     # not in the registry at all: the upstream's 404 is relayed
     with httpx.Client(base_url=f"http://127.0.0.1:{agent.port}") as client:
         missing = client.get("/v2/demo/nothing/manifests/1.0")
@@ -357,7 +375,9 @@ def test_disks_attached_and_released_are_followed(world: World, tmp_path: Path) 
     agent = _agent(world, root)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{agent.port}") as client:
-            shutil.copytree(world.disk_location, root / "node-3")
+            # as the provider attaches a disk: built under a dot name, renamed into place
+            shutil.copytree(world.disk_location, root / ".tmp-node-3")
+            (root / ".tmp-node-3").rename(root / "node-3")
             deadline = time.monotonic() + 5
             while agent.catalogue.disk_ids != ["node-3"]:
                 assert time.monotonic() < deadline
@@ -375,7 +395,8 @@ def test_disks_attached_and_released_are_followed(world: World, tmp_path: Path) 
                 time.sleep(0.02)
             # now from upstream (which answers an OCI manifest only to a client that accepts one)
             oci = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
-            assert client.head("/v2/demo/web/manifests/1.0", headers=oci).status_code == 200
+            answer = client.head("/v2/demo/web/manifests/1.0", headers=oci)
+            assert answer.status_code == 200
             assert (
                 _metric(
                     agent,
@@ -489,36 +510,27 @@ def test_containerd_pulls_a_cached_image_through_the_mirror_with_no_blob_from_up
     """containerd's own resolver and fetcher, configured by the hosts.toml the agent wrote."""
     assert agent.config.hosts_dir is not None
     since = len(world.upstream.read_log())
-    reference = f"{world.upstream.host}/demo/app:2.0"
-    pulled = subprocess.run(
-        [
-            "ctr",
-            "--address",
-            containerd,
-            "-n",
-            "snapcache-test",
-            "images",
-            "pull",
-            "--snapshotter",
-            "native",
-            "--hosts-dir",
-            str(agent.config.hosts_dir),
-            reference,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
-    listed = subprocess.run(
-        ["ctr", "--address", containerd, "-n", "snapcache-test", "images", "ls"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    assert world.app_digest in listed.stdout
-    assert _upstream_requests(world.upstream, since, "/v2/demo/app/") == []
-    assert _metric(agent, "snapcache_node_agent_served_bytes_total", source="disk") >= sum(
-        layer.size for layer in world.app_image.layers
-    )
+    ctr = ["ctr", "--address", containerd, "-n", "snapcache-test"]
+    hosts_dir = str(agent.config.hosts_dir)
+    for reference, digest in (
+        (f"{world.upstream.host}/demo/app:2.0", world.app_digest),
+        (f"{world.upstream.host}/demo/base:1.0", world.base_index_digest),  # multi-arch: an index
+    ):
+        pulled = subprocess.run(
+            [*ctr, "images", "pull", "--snapshotter", "native", "--hosts-dir", hosts_dir, reference],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+        listed = subprocess.run(
+            [*ctr, "images", "ls"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        assert digest in listed.stdout  # the same image a pull from the registry gives
+    assert _upstream_requests(world.upstream, since, "/v2/demo/") == []
+    app_bytes = sum(layer.size for layer in world.app_image.layers)
+    assert _metric_reaches(agent, "snapcache_node_agent_served_bytes_total", app_bytes, source="disk")
