@@ -810,3 +810,26 @@ def test_the_aio_matcher_identifies_callers_by_certificate(
             assert info is not None and info.reason == "CERTIFICATE_UNKNOWN"
     finally:
         app.stop(0)
+
+
+def test_no_token_reaches_a_log_line_or_an_answer(
+    tls_registry: RunningServer, certs: Certificates, caplog: pytest.LogCaptureFixture
+) -> None:
+    planted = "planted-t0ken-9f3b"
+    seen: list[str] = []
+    with caplog.at_level("DEBUG"):
+        for token in (planted, "reader-token", "writer-token"):
+            with channel_to(tls_registry, tls_client(certs, token=token)) as channel:
+                for method in REGISTRY_METHODS:
+                    code, reason = refusal(channel, method)
+                    seen.append(f"{code} {reason}")
+                try:
+                    api_grpc.CacheRegistryServiceStub(channel).CreateImageCache(
+                        api.CreateImageCacheRequest(image_cache=pb.ImageCache(images=["bad ref!"])), timeout=5
+                    )
+                except grpc.RpcError as error:
+                    seen.append(f"{error.details()} {error_info(error)}")
+    text = caplog.text + "\n".join(seen)
+    assert "refused" in caplog.text  # the refusals were logged, by method and reason
+    for token in (planted, "reader-token", "writer-token"):
+        assert token not in text
