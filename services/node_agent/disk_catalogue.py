@@ -240,9 +240,14 @@ BadCallback = Callable[[str, str, str], None]
 class DiskCatalogue:
     """What the disks under ``root`` hold; safe to query from many threads while it refreshes."""
 
-    def __init__(self, root: Path, *, on_bad: BadCallback | None = None) -> None:
+    def __init__(
+        self, root: Path, *, on_bad: BadCallback | None = None, accept: Callable[[str], bool] | None = None
+    ) -> None:
         self.root = Path(root)
         self._on_bad_hook = on_bad
+        # which entries of the root are this node's disks (all, by default): a root shared by
+        # several nodes (the local provider's zone directory) holds other nodes' disks too
+        self._accept = accept
         self._disks: dict[str, _Disk] = {}
         self._order: tuple[_Disk, ...] = ()  # newest index.json first: it wins a tag
         self._bad: set[tuple[str, str]] = set()
@@ -255,7 +260,11 @@ class DiskCatalogue:
         """Read disks that appeared or changed, forget those gone; return whether anything changed."""
         with self._refresh_lock:
             try:
-                entries = sorted(p for p in self.root.iterdir() if not p.name.startswith("."))
+                entries = sorted(
+                    p
+                    for p in self.root.iterdir()
+                    if not p.name.startswith(".") and (self._accept is None or self._accept(p.name))
+                )
             except OSError:
                 entries = []
             current = self._disks

@@ -25,6 +25,9 @@ import httpx
 import pytest
 
 from services.cache_registry.server import RegistryApp, RegistryConfig, ZoneConfig
+from services.node_agent.disk_catalogue import DiskCatalogue
+from services.node_agent.disk_keeper import DiskKeeper
+from services.node_agent.registry_disks import RegistryDisks
 from services.node_agent.server import NodeAgentApp, NodeAgentConfig
 from snapcache.demo.oci_images import (
     BuiltImage,
@@ -36,6 +39,7 @@ from snapcache.demo.oci_images import (
     push_image,
 )
 from snapcache.demo.registry_server import RegistryServer
+from snapcache.images import parse_image_reference
 from snapcache.v1 import cache_registry_pb2 as api
 from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
 from snapcache.v1 import image_cache_pb2 as pb
@@ -64,6 +68,7 @@ class World:
     app_digest: str
     base_index_digest: str
     base_amd64_digest: str
+    cache_id: str
 
 
 def _upstream_requests(server: RegistryServer, since: int, pattern: str) -> list[str]:
@@ -124,6 +129,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             app_digest=app_digest,
             base_index_digest=base.digest,
             base_amd64_digest=base.images[0].manifest_digest,
+            cache_id=created.name.removeprefix("imageCaches/"),
         )
     finally:
         if registry is not None:
@@ -534,3 +540,63 @@ def test_containerd_pulls_a_cached_image_through_the_mirror_with_no_blob_from_up
     assert _upstream_requests(world.upstream, since, "/v2/demo/") == []
     app_bytes = sum(layer.size for layer in world.app_image.layers)
     assert _metric_reaches(agent, "snapcache_node_agent_served_bytes_total", app_bytes, source="disk")
+
+
+def test_node_disks_are_provisioned_shared_released_and_recovered_through_the_registry(world: World) -> None:
+    """The next step's core and registry edge against the real registry (the pod watch is not built)."""
+    clock = [0.0]
+    root = world.disk_location.parent  # the zone's disks: node-1's (another node) is there too
+    app_image = parse_image_reference(f"{world.upstream.host}/demo/app:2.0")
+    with grpc.insecure_channel(f"127.0.0.1:{world.registry.port}") as channel:
+        registry = RegistryDisks(channel, holder="node-a")
+        stub = api_grpc.CacheRegistryServiceStub(channel)
+
+        def keeper() -> DiskKeeper:
+            return DiskKeeper(
+                registry=registry,
+                node="node-a.example",
+                zone="zone-a",
+                grace_seconds=60,
+                clock=lambda: clock[0],
+            )
+
+        def live_disks() -> set[str]:
+            listed = stub.ListDisks(api.ListDisksRequest(parent=f"imageCaches/{world.cache_id}"), timeout=10)
+            return {disk.name.rpartition("/")[2] for disk in listed.disks}
+
+        first = keeper()
+        catalogue = DiskCatalogue(root, accept=lambda name: name in first.disk_ids)
+        assert first.reconcile({"pod-1": world.cache_id}).provision == (world.cache_id,)
+        (disk_id,) = first.disk_ids
+        assert disk_id in live_disks() and (root / disk_id).is_dir()
+        catalogue.refresh()
+        assert catalogue.disk_ids == [disk_id]  # this node's disk only
+        assert catalogue.manifests(app_image)
+        # a second pod of the same cache shares the disk
+        assert first.reconcile({"pod-1": world.cache_id, "pod-2": world.cache_id}).provision == ()
+        assert len([d for d in live_disks() if d != "node-1"]) == 1
+        # both pods gone: kept through the grace period, then released
+        first.reconcile({})
+        clock[0] = 59.0
+        assert first.reconcile({}).release == () and (root / disk_id).is_dir()
+        clock[0] = 60.0
+        assert [d.disk_id for d in first.reconcile({}).release] == [disk_id]
+        assert disk_id not in live_disks() and not (root / disk_id).exists() and first.disk_ids == frozenset()
+        # an agent restarted while holding a disk finds it again by its id, and releases it in time
+        first.reconcile({"pod-3": world.cache_id})
+        restarted = keeper()
+        assert restarted.recover(sorted(p.name for p in root.iterdir())) == [disk_id]
+        restarted.reconcile({})
+        clock[0] = 200.0
+        assert [d.disk_id for d in restarted.reconcile({}).release] == [disk_id]
+        assert disk_id not in live_disks()
+        # a cache that cannot be provisioned: its pods pull; no call again before the retry time
+        missing = "imc-zzzzzzzz"
+        assert restarted.reconcile({"pod-4": missing}).provision == (missing,)
+        assert restarted.disk_ids == frozenset()
+        assert restarted.reconcile({"pod-4": missing}).provision == ()
+        clock[0] = 230.0
+        assert restarted.reconcile({"pod-4": missing}).provision == (missing,)
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == [
+        "node-1"
+    ]  # nothing leaked
