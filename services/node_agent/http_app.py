@@ -10,7 +10,13 @@ GET/HEAD, 400 for a name, tag or digest the grammar refuses), then each source i
   client's retry passes through. Small blobs (configs) are checked whole before sending, like
   manifests. A ``Range`` request (a resumed download) is checked whole first, then sliced.
 - **upstream**: everything else, streamed from the real registry (``upstream``); full blob
-  bodies are checked against their digest the same way, manifests before they are sent.
+  bodies are checked against their digest the same way, manifests before they are sent. The
+  /v2/ probe is the upstream's answer too (its auth challenge, for clients that authenticate),
+  or the mirror's own 200 while the upstream is away.
+
+A tag whose image the cache built from a multi-arch index answers that index, so the runtime
+picks its own platform exactly as from the registry (another platform's manifest is not on the
+disk and passes through); a client that takes no index gets the cached platform manifest.
 
 The standard library's threading server, as the extender's (``services/extender/http_app``): one
 thread per connection suits a node's handful of concurrent pulls; the work per request is file
