@@ -43,7 +43,11 @@ def code_for(error: errors.SnapcacheError) -> grpc.StatusCode:
 
 
 def to_status(error: errors.SnapcacheError) -> status_pb2.Status:
-    """A `google.rpc.Status` with ErrorInfo (and BadRequest for field violations)."""
+    """A `google.rpc.Status` with ErrorInfo (BadRequest for field violations, RetryInfo for retryable ones).
+
+    An error whose metadata says `retry_after_seconds` also carries a `google.rpc.RetryInfo`, the
+    standard way to tell a client when to try again.
+    """
     code = code_for(error)
     status = status_pb2.Status(code=code.value[0], message=error.message)
     info = error_details_pb2.ErrorInfo(
@@ -62,7 +66,27 @@ def to_status(error: errors.SnapcacheError) -> status_pb2.Status:
         detail = any_pb2.Any()
         detail.Pack(bad_request)
         status.details.append(detail)
+    retry_after = error.metadata.get("retry_after_seconds")
+    if retry_after:
+        retry_info = error_details_pb2.RetryInfo()
+        retry_info.retry_delay.FromNanoseconds(int(float(retry_after) * 1e9))
+        detail = any_pb2.Any()
+        detail.Pack(retry_info)
+        status.details.append(detail)
     return status
+
+
+def retry_delay(error: grpc.RpcError) -> float | None:
+    """The RetryInfo delay of a failed call in seconds, when the server gave one."""
+    status = rpc_status.from_call(error)
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return float(info.retry_delay.ToNanoseconds()) / 1e9
+    return None
 
 
 def internal_status() -> status_pb2.Status:

@@ -27,6 +27,8 @@ from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 import grpc
 
+from snapcache import retry_policy
+
 log = logging.getLogger(__name__)
 
 _Stamp = tuple[tuple[int, int], ...]
@@ -315,9 +317,14 @@ def open_channel(
     security: ClientSecurity = PLAINTEXT_CHANNEL,
     *,
     options: Sequence[tuple[str, Any]] = (),
+    retried_codes: tuple[str, ...] = retry_policy.RETRIED_CODES,
 ) -> grpc.Channel:
-    """A channel to ``target``: TLS when ``security`` says so, with its token on every call."""
-    all_options = list(options)
+    """A channel to ``target``: TLS when ``security`` says so, with its token on every call.
+
+    Reads and matches are retried by the channel when they fail with ``retried_codes``
+    (`snapcache.retry_policy`).
+    """
+    all_options = [*retry_policy.channel_options(retried_codes), *options]
     if security.server_name:
         all_options.append(("grpc.ssl_target_name_override", security.server_name))
     if security.tls:

@@ -122,6 +122,7 @@ class MatcherComponent:
     metrics_listen: str = ""
     security: ServerSecurity = PLAINTEXT
     registry_security: ClientSecurity = PLAINTEXT_CHANNEL
+    max_inflight_rpcs: int = 1024
     name: str = "matcher"
     app: MatcherApp | None = None
 
@@ -139,6 +140,7 @@ class MatcherComponent:
             metrics_listen=self.metrics_listen,
             security=self.security,
             registry_security=self.registry_security,
+            max_inflight_rpcs=self.max_inflight_rpcs,
         )
         self.app = MatcherApp(config)
         try:
@@ -349,6 +351,15 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
         "--max-concurrent-builds", type=int, default=2, metavar="N", help="builds at once (default 2)"
     )
     serve.add_argument(
+        "--max-inflight-rpcs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="calls in flight per gRPC server beyond which new ones are refused at once with "
+        "RESOURCE_EXHAUSTED (clients retry) instead of queueing (default 256 for the registry, "
+        "1024 for the matcher)",
+    )
+    serve.add_argument(
         "--lease-seconds",
         type=float,
         default=30.0,
@@ -549,6 +560,7 @@ def registry_config(args: argparse.Namespace) -> RegistryConfig:
         zones=tuple(args.zone or DEFAULT_ZONES),
         max_concurrent_builds=args.max_concurrent_builds,
         lease_seconds=args.lease_seconds,
+        max_inflight_rpcs=args.max_inflight_rpcs or 256,
         instance_id=args.instance_id,
         **kube,
     )
@@ -613,6 +625,7 @@ def run_serve(args: argparse.Namespace) -> int:
             metrics_listen=args.metrics_listen,
             security=security,
             registry_security=clients,
+            max_inflight_rpcs=args.max_inflight_rpcs or 1024,
         )
         components.append(matcher)
     if runs_extender:

@@ -67,6 +67,9 @@ class RegistryConfig:
     failed_cache_ttl_hours: float = 24.0
     worker_poll_seconds: float = 2.0
     grpc_workers: int = 32
+    # Calls in flight (watch streams included) beyond which new ones are refused at once with
+    # RESOURCE_EXHAUSTED, instead of queueing without bound for a worker thread.
+    max_inflight_rpcs: int = 256
     # identity in work leases; stable across restarts so a restarted registry resumes its own
     # builds at once instead of waiting for its old leases to expire (default: host + data dir)
     instance_id: str = ""
@@ -94,6 +97,8 @@ class RegistryConfig:
             raise ValueError("zone max_disks must be >= 0")
         if self.pull_concurrency < 1 or self.max_concurrent_builds < 1:
             raise ValueError("pull_concurrency and max_concurrent_builds must be >= 1")
+        if self.max_inflight_rpcs < 1:
+            raise ValueError("max_inflight_rpcs must be >= 1")
         if not 0.5 <= self.lease_seconds <= 3600:
             raise ValueError("lease_seconds must be 0.5 to 3600")
         if not self.database().startswith(("sqlite", "postgresql")):
@@ -196,6 +201,7 @@ class RegistryApp:
             self.config.listen,
             self.bindings(),
             max_workers=self.config.grpc_workers,
+            max_concurrent_rpcs=self.config.max_inflight_rpcs,
             security=self.config.security,
         )
         log.info(

@@ -45,6 +45,11 @@ class MatcherClient:
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 2000),
             ],
+            # Only an overloaded matcher is worth a retry within the scheduler's wait: it says
+            # when (pushback), and the next attempt usually gets through. A matcher that is down
+            # or still loading (UNAVAILABLE) fails open at once rather than holding every pod for
+            # the whole budget.
+            retried_codes=("RESOURCE_EXHAUSTED",),
         )
         self._stub = mpb_grpc.MatcherServiceStub(self._channel)
         self._budget = budget_seconds

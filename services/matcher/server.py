@@ -48,6 +48,8 @@ class MatcherConfig:
     sync: SyncSettings = field(default_factory=SyncSettings)
     status_check_seconds: float = 1.0
     security: ServerSecurity = PLAINTEXT  # TLS and access control of the matcher's gRPC API
+    # Calls in flight beyond which new ones are refused at once with RESOURCE_EXHAUSTED.
+    max_inflight_rpcs: int = 1024
     # how to reach the registry: TLS, client certificate, token (a writer: it reports matches)
     registry_security: ClientSecurity = PLAINTEXT_CHANNEL
 
@@ -59,6 +61,8 @@ class MatcherConfig:
             raise ValueError("hit_flush_seconds and status_check_seconds must be > 0")
         if not 1 <= self.sync.page_size <= 1000:
             raise ValueError("sync page_size must be 1 to 1000")
+        if self.max_inflight_rpcs < 1:
+            raise ValueError("max_inflight_rpcs must be >= 1")
         self.security.validate()
         self.registry_security.validate()
 
@@ -109,7 +113,11 @@ class MatcherApp:
     def start(self, *, wait_loaded_seconds: float = 0.0) -> MatcherApp:
         """Start following the registry and serving; optionally wait for the first load."""
         self.server = create_aio_server(
-            self.config.listen, self.bindings(), thread_name="matcher-grpc", security=self.config.security
+            self.config.listen,
+            self.bindings(),
+            thread_name="matcher-grpc",
+            max_concurrent_rpcs=self.config.max_inflight_rpcs,
+            security=self.config.security,
         )
         self._update_health()
         self.sync.start()

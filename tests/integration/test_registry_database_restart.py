@@ -1,7 +1,7 @@
 """The registry while its PostgreSQL server crashes and comes back, under a steady load of creates.
 
-While the database is down every call fails fast (well inside its deadline) with UNAVAILABLE and
-reason DATABASE_UNAVAILABLE, which clients retry; once it is back calls succeed again within
+While the database is down every call fails fast (well inside its deadline) with UNAVAILABLE,
+reason DATABASE_UNAVAILABLE and a RetryInfo, which clients retry; once it is back calls succeed again within
 seconds, with no restart of the registry; every create that was answered OK is there afterwards.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
-from snapcache.rpc_errors import error_info
+from snapcache.rpc_errors import error_info, retry_delay
 from snapcache.v1 import cache_registry_pb2 as api
 from snapcache.v1 import image_cache_pb2 as pb
 from tests.support.fake_provider import FakeProvider
@@ -32,9 +32,9 @@ class Load:
 
     harness: Harness
     stop: threading.Event = field(default_factory=threading.Event)
-    results: list[tuple[float, str, str, float, str]] = field(
-        default_factory=list
-    )  # at, id, code, took, reason
+    # (at, cache id, code, took, reason) of each call; the RetryInfo delay of each failure
+    results: list[tuple[float, str, str, float, str]] = field(default_factory=list)
+    retry_delays: list[float | None] = field(default_factory=list)
 
     def run(self) -> None:
         number = 0
@@ -52,6 +52,7 @@ class Load:
                 code = exc.code().name
                 info = error_info(exc)
                 reason = info.reason if info is not None else ""
+                self.retry_delays.append(retry_delay(exc))
             self.results.append((started, cache_id, code, time.monotonic() - started, reason))
             time.sleep(0.02)
 
@@ -91,6 +92,7 @@ def test_a_database_crash_fails_calls_fast_and_retryably_and_loses_nothing(
     assert during, "no call was made while the database was down"
     assert {(code, reason) for _, _, code, _, reason in during} == {("UNAVAILABLE", "DATABASE_UNAVAILABLE")}
     assert max(took for _, _, _, took, _ in during) < FAIL_FAST_SECONDS
+    assert set(load.retry_delays) == {1.0}  # every refusal says when to try again (RetryInfo)
     codes = {code for _, _, code, _, _ in load.results}
     assert codes <= {"OK", "UNAVAILABLE"}, codes
 
