@@ -471,7 +471,10 @@ def test_private_images_pass_through_only_with_the_clients_own_credentials(
 def containerd(tmp_path: Path) -> Iterator[str]:
     """A containerd of the test's own (root, state and socket in a temp dir; no CRI): its socket."""
     if shutil.which("containerd") is None or shutil.which("ctr") is None:
-        pytest.skip("containerd is not installed (apt-get install containerd)")
+        pytest.fail(
+            "containerd is not installed (apt-get install containerd; scripts/bootstrap does it)",
+            pytrace=False,
+        )
     base = Path(tempfile.mkdtemp(prefix="sc-ctrd-", dir="/tmp"))  # a socket path must stay short
     socket_path = base / "c.sock"
     config = base / "config.toml"
