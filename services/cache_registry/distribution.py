@@ -44,6 +44,7 @@ import httpx
 
 from services.cache_registry.provider import BuildFailure, Platform, PullOptions, RegistryCredential
 from snapcache.images import ImageReference
+from snapcache.registry_auth import Challenge, parse_www_authenticate, preferred_challenge
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -67,8 +68,6 @@ _TOKEN_MARGIN_SECONDS = 10.0
 ESTARGZ_UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
 
 _DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
-_AUTH_SCHEME = re.compile(r"[\s,]*([A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*)")
-_AUTH_PARAM = re.compile(r"[\s,]*([A-Za-z0-9!#$%&'*+.^_`|~-]+)\s*=\s*(\"(?:[^\"\\]|\\.)*\"|[^\s,\"]*)")
 
 ChunkCallback = Callable[[int], None]
 # Blobs must arrive byte for byte as stored (their digest is over those bytes): ask servers not to
@@ -77,37 +76,6 @@ _BLOB_HEADERS = {"Accept-Encoding": "identity"}
 
 
 # --- pure parts: challenges, platforms, sizes ------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Challenge:
-    """One ``WWW-Authenticate`` challenge: scheme (lower-case) and parameters (keys lower-case)."""
-
-    scheme: str
-    params: Mapping[str, str] = field(default_factory=dict)
-
-
-def parse_www_authenticate(values: Sequence[str]) -> list[Challenge]:
-    """Every challenge in the given ``WWW-Authenticate`` header values (RFC 7235 syntax)."""
-    challenges: list[Challenge] = []
-    for header in values:
-        pos = 0
-        while pos < len(header):
-            scheme = _AUTH_SCHEME.match(header, pos)
-            if scheme is None:
-                break
-            pos = scheme.end()
-            params: dict[str, str] = {}
-            while (param := _AUTH_PARAM.match(header, pos)) is not None:
-                raw = param.group(2)
-                if raw.startswith('"'):
-                    raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
-                params[param.group(1).lower()] = raw
-                pos = param.end()
-            challenges.append(Challenge(scheme.group(1).lower(), params))
-            if header[pos:].strip(" ,") == "":
-                break
-    return challenges
 
 
 _ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "armhf": "arm", "armel": "arm"}
@@ -764,9 +732,7 @@ class DistributionClient:
 
     def _remember_challenge(self, registry: str, challenges: Sequence[Challenge]) -> Challenge | None:
         """Keep the host's challenge for later requests; return it (None: none usable)."""
-        chosen = next((c for c in challenges if c.scheme == "bearer"), None) or next(
-            (c for c in challenges if c.scheme == "basic"), None
-        )
+        chosen = preferred_challenge(challenges)
         with self._lock:
             if chosen is None:
                 self._challenges.pop(registry, None)

@@ -23,11 +23,9 @@ from services.cache_registry.distribution import (
     OCI_INDEX,
     OCI_MANIFEST,
     ZSTD_ESTIMATED_RATIO,
-    Challenge,
     Descriptor,
     DistributionClient,
     gzip_uncompressed_size,
-    parse_www_authenticate,
     platform_matches,
     uncompressed_size_of_file,
     zstd_frame_content_size,
@@ -36,6 +34,7 @@ from services.cache_registry.distribution import (
 from services.cache_registry.provider import BuildFailure, Platform, RegistryCredential
 from snapcache.demo.oci_images import ImageSpec, LayerSpec, build_image, push_image
 from snapcache.images import ImageReference
+from snapcache.registry_auth import Challenge, parse_www_authenticate
 from tests.support.oci_fixtures import PRIVATE_PASSWORD, OciRegistry, PushedImages
 
 GiB = 1024**3

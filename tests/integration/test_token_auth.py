@@ -19,10 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.cache_registry.distribution import OCI_MANIFEST, DistributionClient, parse_www_authenticate
+from services.cache_registry.distribution import OCI_MANIFEST, DistributionClient
 from services.cache_registry.provider import BuildFailure, Platform, RegistryCredential
 from services.cache_registry.server import RegistryApp, RegistryConfig, ZoneConfig
 from snapcache.demo.oci_images import ImageSpec, LayerSpec, build_image, push_image
+from snapcache.registry_auth import parse_www_authenticate
 from snapcache.v1 import cache_registry_pb2 as api
 from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
 from snapcache.v1 import image_cache_pb2 as pb

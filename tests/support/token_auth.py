@@ -57,10 +57,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from services.cache_registry.distribution import parse_www_authenticate
 from services.cache_registry.provider import RegistryCredential
 from snapcache.demo.oci_images import ImageSpec, LayerSpec, build_image, push_image
 from snapcache.demo.registry_server import REGISTRY_BINARY, RegistryServer, TokenAuth
+from snapcache.registry_auth import parse_www_authenticate
 from tests.support.oci_fixtures import OciRegistry, PushedRef
 
 SERVICE = "snapcache-test-registry"
