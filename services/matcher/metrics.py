@@ -7,14 +7,14 @@ A registry of its own (not the process-wide default), so several matchers in one
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from services.matcher.index_sync import SyncStatus
 from services.matcher.matching import Decision
+from snapcache.metrics_endpoint import MetricsEndpoint
 
 
 class _IndexCollector(Collector):
@@ -67,7 +67,7 @@ class MatcherMetrics:
         self.hits_reported = Counter(
             "snapcache_matcher_hits_reported", "Match hits accepted by the registry", registry=self.registry
         )
-        self._server: WSGIServer | None = None
+        self._endpoint = MetricsEndpoint(self.registry)
 
     def answered(self, decision: Decision) -> None:
         """Count one answer."""
@@ -75,14 +75,8 @@ class MatcherMetrics:
 
     def serve(self, address: str) -> int:
         """Expose /metrics on ``host:port`` (port 0 picks one); return the port."""
-        host, _, port = address.rpartition(":")
-        server, _thread = start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
-        self._server = server
-        return int(server.server_port)
+        return self._endpoint.serve(address)
 
     def stop(self) -> None:
-        """Stop the HTTP endpoint, if any."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        """Stop the metrics endpoint, if any."""
+        self._endpoint.stop()

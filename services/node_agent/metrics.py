@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from snapcache.metrics_endpoint import MetricsEndpoint
 
 
 class _DiskCollector(Collector):
@@ -58,7 +60,7 @@ class NodeAgentMetrics:
             registry=self.registry,
         )
         self._bound: dict[tuple[str, str, int], Any] = {}
-        self._server: Any = None
+        self._endpoint = MetricsEndpoint(self.registry)
 
     def answered(self, kind: str, source: str, code: int, body_bytes: int = 0) -> None:
         """Count one answer and the body bytes it carried."""
@@ -80,14 +82,8 @@ class NodeAgentMetrics:
 
     def serve(self, address: str) -> int:
         """Expose /metrics on ``host:port`` (port 0 picks one); return the port."""
-        host, _, port = address.rpartition(":")
-        server, _thread = start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
-        self._server = server
-        return int(server.server_port)
+        return self._endpoint.serve(address)
 
     def stop(self) -> None:
         """Stop the metrics endpoint, if any."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        self._endpoint.stop()
