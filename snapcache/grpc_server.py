@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -85,6 +85,30 @@ class ServerSecurity:
 PLAINTEXT = ServerSecurity()
 
 
+class _Health(Protocol):
+    def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> Any: ...
+
+
+def _add_services(server: Any, bindings: Sequence[ServiceBinding], health_servicer: Any) -> list[str]:
+    """Add the services, the health service and reflection to ``server``; return the services' names."""
+    for binding in bindings:
+        binding.add_to_server(binding.servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [b.full_name for b in bindings]
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    return names
+
+
+def _set_serving(health_servicer: _Health, service_names: Sequence[str], serving: bool) -> None:
+    """Flip health for the whole server ("") and each of its services."""
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", *service_names):
+        health_servicer.set(name, status)
+
+
 @dataclass
 class RunningServer:
     """A started server with its port and health servicer."""
@@ -96,11 +120,7 @@ class RunningServer:
 
     def set_serving(self, serving: bool) -> None:
         """Flip health for the whole server and each service."""
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in ("", *self.service_names):
-            self.health.set(name, status)
+        _set_serving(self.health, self.service_names, serving)
 
     def stop(self, grace_seconds: float = 5.0) -> None:
         """Report NOT_SERVING, stop taking calls and let running ones finish within the grace."""
@@ -130,15 +150,8 @@ def create_server(
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ],
     )
-    for binding in bindings:
-        binding.add_to_server(binding.servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [b.full_name for b in bindings]
-    reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-    )
+    names = _add_services(server, bindings, health_servicer)
     port = security.bind(server, address)
     if port == 0:
         raise OSError(f"cannot bind gRPC server to {address}")
@@ -179,11 +192,7 @@ class AioRunningServer:
 
     def set_serving(self, serving: bool) -> None:
         """Flip health for the whole server and each service."""
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in ("", *self.service_names):
-            self.health.set(name, status)
+        _set_serving(self.health, self.service_names, serving)
 
     def stop(self, grace_seconds: float = 5.0) -> None:
         """Report NOT_SERVING, stop taking calls, let running ones finish, end the loop's thread."""
@@ -221,15 +230,8 @@ def create_aio_server(
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             ],
         )
-        for binding in bindings:
-            binding.add_to_server(binding.servicer, server)
         health_servicer = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        names = [b.full_name for b in bindings]
-        reflection.enable_server_reflection(
-            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            server,
-        )
+        names = _add_services(server, bindings, health_servicer)
         port = security.bind(server, address)
         if port == 0:
             raise OSError(f"cannot bind gRPC server to {address}")
