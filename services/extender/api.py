@@ -16,22 +16,11 @@ from typing import Any, Final
 import orjson
 
 from snapcache.errors import InvalidArgument, invalid
+from snapcache.pod_requests import PodInfo
 
 MIN_SCORE: Final = 0  # MinExtenderPriority
 MAX_SCORE: Final = 10  # MaxExtenderPriority
 _REASON: Final = "INVALID_EXTENDER_ARGS"
-
-
-@dataclass(frozen=True, slots=True)
-class PodInfo:
-    """What the extender reads of the pod."""
-
-    uid: str
-    namespace: str
-    name: str
-    annotations: Mapping[str, str]
-    init_images: tuple[tuple[str, str], ...]  # (container name, image) of init containers
-    images: tuple[tuple[str, str], ...]  # (container name, image) of regular containers
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from services.extender.matches import MatchAnswer
-from services.extender.pods import PodRequest
 from services.extender.zones import ZONE_LABEL
+from snapcache.pod_requests import PodRequest
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from kubernetes import client as kube_client
 from kubernetes.client.exceptions import ApiException
 
-from services.extender.api import PodInfo
+from snapcache.pod_requests import PodInfo
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from services.extender import matches
-from services.extender.api import ExtenderArgs, PodInfo
+from services.extender.api import ExtenderArgs
 from services.extender.decisions import DecisionCache
 from services.extender.filtering import FilterOutcome, filter_nodes
 from services.extender.matches import MatchAnswer, MatchQuery
-from services.extender.pods import Mode, PodRequest, pod_request
 from services.extender.scoring import node_scores
 from services.extender.zones import zone_of
+from snapcache.pod_requests import Mode, PodInfo, PodRequest, pod_request
 
 MatchSource = Callable[[MatchQuery], MatchAnswer]
 # The node cache's current name -> zone map (None: the node has no zone). A mapping rather than a

@@ -21,9 +21,9 @@ from services.extender.matcher_client import MatcherClient
 from services.extender.metrics import ExtenderMetrics
 from services.extender.node_cache import NodeZoneCache
 from services.extender.pod_events import PodEvents
-from services.extender.pods import parse_default_mode
 from services.extender.scheduling import EventSink, NoEvents, Scheduling
 from snapcache.kube_clients import kube_api_client
+from snapcache.pod_requests import parse_default_mode
 from snapcache.tls import PLAINTEXT_CHANNEL, ClientSecurity, ServerTls, SSLContextFiles
 
 log = logging.getLogger(__name__)

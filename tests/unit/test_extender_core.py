@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 import pytest
 
 from services.extender import matches
-from services.extender.api import PodInfo, decode_args
+from services.extender.api import decode_args
 from services.extender.decisions import DecisionCache
 from services.extender.filtering import filter_nodes
 from services.extender.matches import Candidate, MatchAnswer, MatchQuery
-from services.extender.pods import Mode, PodRequest, parse_default_mode, pod_request
 from services.extender.scheduling import Scheduling
 from services.extender.scoring import node_scores, zone_scores
 from services.extender.zones import zone_of
+from snapcache.pod_requests import Mode, PodInfo, PodRequest, parse_default_mode, pod_request
 
 
 def pod(

@@ -1,5 +1,9 @@
 """Which pods use an image cache, how (auto or a manual cache id, strict or not) and their images.
 
+On the ground floor because two wings read the same annotations: the extender (where to schedule
+the pod) and the node agent (which disk to provision for it once bound); one grammar, so they
+never disagree about a pod.
+
 Annotations, snapcache's first, then Tencent TKE's so manifests written for TKE work unchanged:
 
 - ``snapcache.io/use-image-cache`` / ``eks.tke.cloud.tencent.com/use-image-cache``: ``auto``, a
@@ -8,16 +12,17 @@ Annotations, snapcache's first, then Tencent TKE's so manifests written for TKE 
 - ``snapcache.io/image-cache-strict: "true"``: only nodes in zones where the cache can be used.
 
 Images are those of init and regular containers (ephemeral containers do not exist at
-scheduling time), normalized by the project's one grammar (`snapcache.images`).
+scheduling time; the node agent reads the same), normalized by the project's one grammar
+(`snapcache.images`). Pure: no Kubernetes client; `pod_info` reads a Pod as the API serves it.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
-from services.extender.api import PodInfo
 from snapcache.cache_names import parse_cache_name
 from snapcache.errors import InvalidArgument
 from snapcache.images import InvalidImageReference, parse_image_reference
@@ -28,6 +33,52 @@ STRICT_ANNOTATION: Final = "snapcache.io/image-cache-strict"
 MAX_IMAGES: Final = 64  # the matcher's limit
 _OFF_VALUES: Final = frozenset({"off", "false", "no", "none", "disabled"})
 _TRUE_VALUES: Final = frozenset({"true", "yes", "1"})
+
+
+@dataclass(frozen=True, slots=True)
+class PodInfo:
+    """What is read of a pod to know whether and how it uses an image cache."""
+
+    uid: str
+    namespace: str
+    name: str
+    annotations: Mapping[str, str]
+    init_images: tuple[tuple[str, str], ...]  # (container name, image) of init containers
+    images: tuple[tuple[str, str], ...]  # (container name, image) of regular containers
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _object(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _containers(items: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(items, list):
+        return ()
+    return tuple(
+        (_text(item.get("name")), _text(item.get("image"))) for item in items if isinstance(item, dict)
+    )
+
+
+def pod_info(pod: Mapping[str, Any]) -> PodInfo:
+    """A Pod object as the API server serves it (JSON), read leniently: what is malformed is empty.
+
+    An empty image is then refused by `pod_images` like any invalid one, so the pod pulls.
+    """
+    metadata = _object(pod.get("metadata"))
+    spec = _object(pod.get("spec"))
+    annotations = _object(metadata.get("annotations"))
+    return PodInfo(
+        uid=_text(metadata.get("uid")),
+        namespace=_text(metadata.get("namespace")),
+        name=_text(metadata.get("name")),
+        annotations={key: value for key, value in annotations.items() if isinstance(value, str)},
+        init_images=_containers(spec.get("initContainers")),
+        images=_containers(spec.get("containers")),
+    )
 
 
 class Mode(enum.Enum):
