@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from services.extender.matches import MatchAnswer
-from services.extender.zones import ZONE_LABEL
+from snapcache.node_zones import ZONE_LABEL
 from snapcache.pod_requests import PodRequest
 
 

@@ -21,7 +21,7 @@ from kubernetes import client as kube_client
 from kubernetes import watch as kube_watch
 from kubernetes.client.exceptions import ApiException
 
-from services.extender.zones import zone_of
+from snapcache.node_zones import zone_of
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from services.extender.decisions import DecisionCache
 from services.extender.filtering import FilterOutcome, filter_nodes
 from services.extender.matches import MatchAnswer, MatchQuery
 from services.extender.scoring import node_scores
-from services.extender.zones import zone_of
+from snapcache.node_zones import zone_of
 from snapcache.pod_requests import Mode, PodInfo, PodRequest, pod_request
 
 MatchSource = Callable[[MatchQuery], MatchAnswer]

@@ -13,7 +13,7 @@ from services.extender.filtering import filter_nodes
 from services.extender.matches import Candidate, MatchAnswer, MatchQuery
 from services.extender.scheduling import Scheduling
 from services.extender.scoring import node_scores, zone_scores
-from services.extender.zones import zone_of
+from snapcache.node_zones import zone_of
 from snapcache.pod_requests import Mode, PodInfo, PodRequest, parse_default_mode, pod_request
 
 

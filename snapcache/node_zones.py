@@ -1,4 +1,8 @@
-"""A node's zone from its labels: the GA topology label, else the beta one older clusters still set."""
+"""A node's zone from its labels: the GA topology label, else the beta one older clusters still set.
+
+On the ground floor because the extender (zones of candidate nodes) and the node agent (its own
+node's zone, where its disks are provisioned) must read a node's zone the same way.
+"""
 
 from __future__ import annotations
 
