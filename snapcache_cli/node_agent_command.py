@@ -3,19 +3,27 @@
 One per node. It answers containerd's pulls (through ``hosts.toml``, which it can keep up to date
 with ``--containerd-hosts-dir``) from the OCI layouts of the disks under ``--disk-root``, checking
 every blob's digest as it is served, and passes everything else through to the real registries.
+
+With ``--matcher`` it also provisions those disks: for each pod bound to ``--node-name`` that
+opts in, the matcher names a cache usable in the node's ``--zone`` and the registry (the global
+``--registry``, with the global TLS and token options, as for the matcher) makes one disk of it
+per node, released ``--disk-grace-seconds`` after its last pod is gone. Kubernetes access from
+``--kubeconfig`` or ``--in-cluster`` (or ``$SNAPCACHE_KUBECONFIG`` / ``$SNAPCACHE_KUBE_IN_CLUSTER``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from services.node_agent.server import NodeAgentApp, NodeAgentConfig
 from snapcache.images import DEFAULT_REGISTRY
-from snapcache_cli.client import CommandFailed
+from snapcache.kube_clients import IN_CLUSTER_TOKEN_FILE
+from snapcache_cli.client import CommandFailed, client_security
 from snapcache_cli.serve import wait_for_signal
 
 log = logging.getLogger(__name__)
@@ -82,7 +90,68 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
         metavar="SECONDS",
         help="how often the disk root is read for attached and released disks (default 2)",
     )
+    pods = command.add_argument_group(
+        "per-pod provisioning", "with --matcher: disks for the opted-in pods bound to this node"
+    )
+    pods.add_argument(
+        "--matcher",
+        default="",
+        metavar="ADDRESS",
+        help="matcher gRPC address; turns provisioning on (default: off, the disk root is served as is)",
+    )
+    pods.add_argument(
+        "--node-name",
+        default=os.environ.get("NODE_NAME", ""),
+        metavar="NAME",
+        help="this node's name (default $NODE_NAME: the downward API's spec.nodeName)",
+    )
+    pods.add_argument(
+        "--zone",
+        default=os.environ.get("NODE_ZONE", ""),
+        metavar="ZONE",
+        help="the zone disks are provisioned in (default $NODE_ZONE, else the Node's "
+        "topology.kubernetes.io/zone label)",
+    )
+    access = pods.add_mutually_exclusive_group()
+    access.add_argument(
+        "--kubeconfig",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="kubeconfig of the node's cluster (default $SNAPCACHE_KUBECONFIG)",
+    )
+    access.add_argument(
+        "--in-cluster",
+        action="store_true",
+        help="use the pod's service account (default $SNAPCACHE_KUBE_IN_CLUSTER, or when one is mounted)",
+    )
+    pods.add_argument(
+        "--disk-grace-seconds",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="keep a disk this long after its last pod is gone before releasing it (default 300)",
+    )
+    pods.add_argument(
+        "--image-cache-default",
+        choices=("off", "auto"),
+        default="off",
+        help="image caches for pods without a use-image-cache annotation (default %(default)s; "
+        "give the extender the same)",
+    )
     command.set_defaults(handler=run_node_agent, default_log_level="info")
+
+
+def _kube_access(args: argparse.Namespace) -> tuple[Path | None, bool]:
+    kubeconfig: Path | None = args.kubeconfig
+    in_cluster: bool = args.in_cluster
+    if kubeconfig is None and not in_cluster:
+        if os.environ.get("SNAPCACHE_KUBECONFIG"):
+            kubeconfig = Path(os.environ["SNAPCACHE_KUBECONFIG"])
+        else:
+            flag = os.environ.get("SNAPCACHE_KUBE_IN_CLUSTER", "").strip().lower()
+            in_cluster = flag in ("1", "true", "yes") or Path(IN_CLUSTER_TOKEN_FILE).is_file()
+    return (kubeconfig.expanduser().resolve() if kubeconfig is not None else None), in_cluster
 
 
 def node_agent_config(args: argparse.Namespace) -> NodeAgentConfig:
@@ -98,7 +167,23 @@ def node_agent_config(args: argparse.Namespace) -> NodeAgentConfig:
         ),
         mirror_url=args.mirror_url,
         rescan_seconds=args.rescan_seconds,
+        **(_provisioning_options(args) if args.matcher else {}),
     )
+
+
+def _provisioning_options(args: argparse.Namespace) -> dict[str, Any]:
+    kubeconfig, in_cluster = _kube_access(args)
+    return {
+        "matcher_target": args.matcher,
+        "registry_target": str(args.registry),
+        "node_name": args.node_name,
+        "zone": args.zone,
+        "kubeconfig": kubeconfig,
+        "in_cluster": in_cluster,
+        "default_mode": args.image_cache_default,
+        "disk_grace_seconds": args.disk_grace_seconds,
+        "client_security": client_security(args),
+    }
 
 
 def run_node_agent(args: argparse.Namespace) -> int:
@@ -109,13 +194,19 @@ def run_node_agent(args: argparse.Namespace) -> int:
         raise CommandFailed(f"invalid configuration: {exc}", exit_code=2) from exc
     try:
         app.start()
-    except OSError as exc:  # a port is taken
+    except (OSError, ValueError) as exc:  # a port is taken; the node has no zone
         app.stop()
         raise CommandFailed(f"cannot start: {exc}") from exc
     metrics = f"; metrics on :{app.metrics_port}" if app.metrics_port else ""
+    pods = (
+        f"; disks for the pods of node {app.config.node_name} in zone {app.zone} "
+        f"(matcher {app.config.matcher_target}, registry {app.config.registry_target})"
+        if app.config.provisioning
+        else ""
+    )
     print(
         f"snapcache node-agent: mirror on {app.mirror_url}, {len(app.catalogue.disk_ids)} disk(s) "
-        f"under {app.config.disk_root}{metrics}",
+        f"under {app.config.disk_root}{metrics}{pods}",
         flush=True,
     )
     try:

@@ -58,6 +58,8 @@ class DiskKeeper:
         grace_seconds: float = 300.0,
         retry_seconds: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        on_provisioned: Callable[[str, float], None] = lambda _cache, _seconds: None,
+        on_refused: Callable[[str, DiskRefusal], None] = lambda _cache, _refusal: None,
     ) -> None:
         self._registry = registry
         self.node = node
@@ -67,6 +69,9 @@ class DiskKeeper:
         self._clock = clock
         self._disks: dict[str, NodeDisk] = {}  # disk id -> disk
         self._retry_at: dict[str, float] = {}  # cache id -> when to try provisioning again
+        self._refusals: dict[str, DiskRefusal] = {}  # cache id -> why its last provisioning failed
+        self._on_provisioned = on_provisioned
+        self._on_refused = on_refused
         self._lock = threading.Lock()
 
     @property
@@ -74,6 +79,16 @@ class DiskKeeper:
         """The disks this node holds (the mirror serves these and no others)."""
         with self._lock:
             return frozenset(self._disks)
+
+    def disk_of(self, cache_id: str) -> str | None:
+        """The id of this node's disk of ``cache_id``, if it holds one."""
+        with self._lock:
+            return next((d.disk_id for d in self._disks.values() if d.cache_id == cache_id), None)
+
+    def refusal(self, cache_id: str) -> DiskRefusal | None:
+        """Why the last provisioning of ``cache_id`` failed; None once one succeeds (or none failed)."""
+        with self._lock:
+            return self._refusals.get(cache_id)
 
     def recover(self, names: Iterable[str]) -> list[str]:
         """Adopt the disks among ``names`` (a disk root's entries) that are this node's; return them."""
@@ -98,6 +113,10 @@ class DiskKeeper:
                 retry_at=self._retry_at,
             )
             self._disks = {disk.disk_id: disk for disk in plan.keep}
+            wanted_caches = set(wanted.values())
+            for cache_id in [c for c in self._refusals if c not in wanted_caches]:
+                del self._refusals[cache_id]
+                self._retry_at.pop(cache_id, None)
         for disk in plan.release:
             try:
                 self._registry.release(cache_id=disk.cache_id, disk_id=disk.disk_id)
@@ -118,10 +137,14 @@ class DiskKeeper:
                 )
                 with self._lock:
                     self._retry_at[cache_id] = now + self._retry
+                    self._refusals[cache_id] = exc
+                self._on_refused(cache_id, exc)
                 continue
             with self._lock:
                 self._disks[disk_id] = NodeDisk(cache_id=cache_id, disk_id=disk_id)
                 self._retry_at.pop(cache_id, None)
+                self._refusals.pop(cache_id, None)
+            self._on_provisioned(cache_id, self._clock() - started)
             log.info(
                 "disk %s of %s provisioned at %s in %.2f s",
                 disk_id,

@@ -4,6 +4,14 @@ The only place that builds the agent's objects. A background thread re-reads the
 ``rescan_seconds`` (a disk attached or released shows up within that time; an unchanged disk
 costs one ``stat``) and, with ``hosts_dir``, keeps containerd's ``hosts.toml`` files pointing at
 the mirror for Docker Hub and every registry the attached disks hold images of.
+
+With a matcher (``matcher_target``), the agent also provisions disks for the pods bound to its
+node: the pod watch (``kube_pods``) wakes the reconcile loop, which runs one ``PodDisks.round``
+(matcher -> ``DiskKeeper`` -> registry, events on the pods) at each change and at least every
+``reconcile_seconds`` (the grace period and retries are clocked there). The mirror then serves
+only this node's disks (the disk root may be shared, as the local provider's zone directory
+is), and a restarted agent adopts the disks it finds there under its node's ids before the first
+round, which waits for the first full list of pods: nothing is released for want of knowing.
 """
 
 from __future__ import annotations
@@ -13,13 +21,23 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
 from services.node_agent.containerd_hosts import write_hosts_files
 from services.node_agent.disk_catalogue import DiskCatalogue
+from services.node_agent.disk_keeper import DiskKeeper
 from services.node_agent.hosts_toml import hosts_files
 from services.node_agent.http_app import Mirror, MirrorHTTPServer, serve_in_thread
+from services.node_agent.kube_pods import NodePods, PodEvents, node_zone
+from services.node_agent.matcher_lookup import MatcherLookup
 from services.node_agent.metrics import NodeAgentMetrics
+from services.node_agent.pod_disks import PodDisks
+from services.node_agent.registry_disks import RegistryDisks
 from services.node_agent.upstream import Upstream
 from snapcache.images import DEFAULT_REGISTRY
+from snapcache.kube_clients import kube_api_client
+from snapcache.pod_requests import parse_default_mode
+from snapcache.tls import PLAINTEXT_CHANNEL, ClientSecurity, open_channel
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +64,50 @@ class NodeAgentConfig:
     rescan_seconds: float = 2.0
     upstream_timeout_seconds: float = 30.0
     socket_timeout_seconds: float = 60.0
+    # Per-pod provisioning, on when a matcher is given: the pods bound to node_name get disks.
+    matcher_target: str = ""  # host:port of the matcher; "" serves whatever is under disk_root
+    registry_target: str = ""  # host:port of the cache registry (ProvisionDisk / ReleaseDisk)
+    node_name: str = ""
+    zone: str = ""  # "" reads the Node's topology.kubernetes.io/zone label at start-up
+    kubeconfig: Path | None = None
+    in_cluster: bool = False
+    default_mode: str = "off"  # pods without a use-image-cache annotation: off | auto
+    disk_grace_seconds: float = 300.0  # an unused disk is kept this long before ReleaseDisk
+    provision_retry_seconds: float = 30.0  # a refused ProvisionDisk is not asked again before this
+    matcher_retry_seconds: float = 10.0  # a pod the matcher could not answer is asked again after this
+    reconcile_seconds: float = 2.0  # a round at least this often (and at every pod change)
+    matcher_timeout_seconds: float = 5.0
+    client_security: ClientSecurity = PLAINTEXT_CHANNEL  # TLS/token to the matcher and the registry
+
+    @property
+    def provisioning(self) -> bool:
+        """True when the agent provisions disks for its node's pods."""
+        return bool(self.matcher_target)
 
     def validate(self) -> None:
         """Refuse a bad configuration at start-up rather than at the first request."""
+        if self.provisioning:
+            if not self.node_name:
+                raise ValueError(
+                    "provisioning disks for pods needs the node's name (--node-name, $NODE_NAME)"
+                )
+            if not self.registry_target:
+                raise ValueError("provisioning disks for pods needs the cache registry's address")
+            if self.kubeconfig is None and not self.in_cluster:
+                raise ValueError(
+                    "provisioning disks for pods needs Kubernetes access (kubeconfig or in-cluster)"
+                )
+            parse_default_mode(self.default_mode)
+            if self.disk_grace_seconds < 0:
+                raise ValueError("disk_grace_seconds must be >= 0")
+            positive = (
+                self.provision_retry_seconds,
+                self.matcher_retry_seconds,
+                self.reconcile_seconds,
+                self.matcher_timeout_seconds,
+            )
+            if min(positive) <= 0:
+                raise ValueError("provisioning retries, reconcile period and matcher timeout must be > 0")
         split_listen(self.listen)
         if self.metrics_listen:
             split_listen(self.metrics_listen)
@@ -66,8 +125,13 @@ class NodeAgentApp:
     def __init__(self, config: NodeAgentConfig) -> None:
         config.validate()
         self.config = config
+        self.keeper: DiskKeeper | None = None
         self.catalogue = DiskCatalogue(
-            config.disk_root, on_bad=lambda _disk, _digest, _why: self.metrics.digest_failure("disk")
+            config.disk_root,
+            on_bad=lambda _disk, _digest, _why: self.metrics.digest_failure("disk"),
+            accept=(lambda name: self.keeper is not None and name in self.keeper.disk_ids)
+            if config.provisioning
+            else None,
         )
         self.metrics = NodeAgentMetrics(
             disks=lambda: len(self.catalogue.disk_ids), bad_blobs=lambda: self.catalogue.bad_count
@@ -83,9 +147,66 @@ class NodeAgentApp:
         )
         self._server: MirrorHTTPServer | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._refresher: threading.Thread | None = None
+        self._provisioner: threading.Thread | None = None
         self.port = 0
         self.metrics_port = 0
+        self.zone = config.zone
+        self.pods: NodePods | None = None
+        self.events: PodEvents | None = None
+        self.pod_disks: PodDisks | None = None
+        self._matcher: MatcherLookup | None = None
+        self._registry_channel: grpc.Channel | None = None
+        if config.provisioning:
+            self._kube = kube_api_client(
+                kubeconfig=config.kubeconfig, in_cluster=config.in_cluster, retries=3
+            )
+
+    def _build_provisioning(self) -> None:
+        config = self.config
+        if not self.zone:
+            self.zone = node_zone(self._kube, config.node_name) or ""
+            if not self.zone:
+                raise ValueError(f"node {config.node_name} has no zone label; give the zone (--zone)")
+        self._registry_channel = open_channel(config.registry_target, config.client_security)
+        self.keeper = DiskKeeper(
+            registry=RegistryDisks(self._registry_channel, holder=config.node_name),
+            node=config.node_name,
+            zone=self.zone,
+            grace_seconds=config.disk_grace_seconds,
+            retry_seconds=config.provision_retry_seconds,
+            on_provisioned=lambda _cache, seconds: self.metrics.provisioning_seconds.observe(seconds),
+            on_refused=lambda _cache, refusal: self.metrics.provisioning_failure(
+                refusal.reason or refusal.code
+            ),
+        )
+        try:
+            names = sorted(p.name for p in config.disk_root.iterdir())
+        except OSError:
+            names = []
+        adopted = self.keeper.recover(names)
+        if adopted:
+            log.info(
+                "adopted %d disk(s) of this node found under %s: %s", len(adopted), config.disk_root, adopted
+            )
+        self._matcher = MatcherLookup(
+            config.matcher_target,
+            security=config.client_security,
+            timeout_seconds=config.matcher_timeout_seconds,
+        )
+        self.events = PodEvents(self._kube, on_dropped=self.metrics.events_dropped.inc)
+        self.pod_disks = PodDisks(
+            keeper=self.keeper,
+            matcher=self._matcher,
+            events=self.events,
+            default_mode=parse_default_mode(config.default_mode),
+            retry_seconds=config.matcher_retry_seconds,
+            on_accelerated=self.metrics.pods_accelerated.inc,
+            on_failure=self.metrics.provisioning_failure,
+            on_disks_changed=self._disks_changed,
+        )
+        self.pods = NodePods(self._kube, node=config.node_name, on_change=self._wake.set)
 
     @property
     def mirror_url(self) -> str:
@@ -98,7 +219,9 @@ class NodeAgentApp:
         return f"http://{host}:{self.port}"
 
     def start(self) -> NodeAgentApp:
-        """Read the disks, bind the mirror (and metrics), start serving and refreshing."""
+        """Read the disks, bind the mirror (and metrics), start serving, refreshing and provisioning."""
+        if self.config.provisioning:
+            self._build_provisioning()
         self.catalogue.refresh()
         self._server = MirrorHTTPServer(
             split_listen(self.config.listen), self.mirror, socket_timeout=self.config.socket_timeout_seconds
@@ -110,7 +233,33 @@ class NodeAgentApp:
         serve_in_thread(self._server)
         self._refresher = threading.Thread(target=self._refresh_loop, name="node-agent-disks", daemon=True)
         self._refresher.start()
+        if self.pods is not None and self.events is not None:
+            self.events.start()
+            self.pods.start()
+            self._provisioner = threading.Thread(
+                target=self._provision_loop, name="node-agent-provisioning", daemon=True
+            )
+            self._provisioner.start()
         return self
+
+    def _disks_changed(self) -> None:
+        # before the pods are told: a pod told its disk is ready finds it served
+        if self.catalogue.refresh():
+            self.write_hosts()
+
+    def _provision_loop(self) -> None:
+        assert self.pods is not None and self.pod_disks is not None
+        while not self._stop.is_set():
+            self._wake.wait(self.config.reconcile_seconds)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            if not self.pods.synced():
+                continue
+            try:
+                self.pod_disks.round(self.pods.pods())
+            except Exception:  # the next round starts over from the pods and the disks held
+                log.exception("provisioning round failed")
 
     def write_hosts(self) -> None:
         """Point containerd at the mirror for Docker Hub and every registry on a disk."""
@@ -134,8 +283,19 @@ class NodeAgentApp:
                 log.exception("reading the disks failed")
 
     def stop(self) -> None:
-        """Stop serving and refreshing; close upstream connections."""
+        """Stop serving, refreshing and provisioning (disks stay: a restart adopts them)."""
         self._stop.set()
+        self._wake.set()
+        if self.pods is not None:
+            self.pods.stop()
+        if self._provisioner is not None:
+            self._provisioner.join(timeout=15)
+        if self.events is not None:
+            self.events.stop()
+        if self._matcher is not None:
+            self._matcher.close()
+        if self._registry_channel is not None:
+            self._registry_channel.close()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -22,6 +22,24 @@ pytestmark = pytest.mark.e2e
         (["--listen", "nowhere"], "listen address must be HOST:PORT"),
         (["--rescan-seconds", "0"], "rescan_seconds must be > 0"),
         (["--mirror-url", "ftp://x"], "mirror URL must start with http:// or https://"),
+        (["--matcher", "127.0.0.1:1", "--node-name", ""], "needs the node's name"),
+        (
+            ["--matcher", "127.0.0.1:1", "--node-name", "n1", "--kubeconfig", "/nonexistent"],
+            "cannot use kubeconfig",
+        ),
+        (
+            [
+                "--matcher",
+                "127.0.0.1:1",
+                "--node-name",
+                "n1",
+                "--kubeconfig",
+                "/dev/null",
+                "--image-cache-default",
+                "x",
+            ],
+            "invalid choice",
+        ),
     ],
 )
 def test_bad_configuration_exits_2(

@@ -1,0 +1,152 @@
+"""One round of per-pod provisioning: the node's pods -> their caches -> this node's disks -> events.
+
+Each round takes the pods bound to this node (from the pod watch) and:
+
+- reads each pod's opt-in with the cluster's one grammar (``snapcache.pod_requests``: the
+  extender reads the same annotations), and asks the matcher **once per opted-in pod** for a
+  cache usable in this node's zone (the manual id, if any, goes with it). The answer is kept
+  while the pod lives (its images cannot change without a new request, which asks again); a
+  matcher that could not answer is asked again after ``retry_seconds``, the pod pulling through
+  the mirror meanwhile (fail open);
+- hands pod -> cache to the ``DiskKeeper`` (one disk per cache per node, shared, released after
+  the grace period, refused provisioning retried later);
+- says on each pod what became of it, once per outcome: ``ImageCacheDiskReady`` when its cache's
+  disk is attached, ``ImageCacheDiskFailed`` (Warning) with the registry's reason when it could
+  not be provisioned (the pod pulls its images as it would without snapcache).
+
+No transport here: the matcher and the event writer are ports, time is a callable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from services.node_agent.disk_keeper import DiskKeeper
+from services.node_agent.disk_plans import DiskPlan
+from snapcache.pod_requests import Mode, PodInfo, PodRequest, pod_request
+
+READY: Final = "ImageCacheDiskReady"
+FAILED: Final = "ImageCacheDiskFailed"
+MATCHER_UNAVAILABLE: Final = "MATCHER_UNAVAILABLE"
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """The matcher's choice for one pod in this node's zone."""
+
+    cache_id: str = ""  # "imc-..." to provision; "" when the pod pulls
+    known: bool = True  # False when the matcher could not be asked (fail open, asked again later)
+    why: str = ""  # the decision or the failure, for logs
+
+
+class CacheLookup(Protocol):
+    """The matcher (``matcher_lookup.MatcherLookup``)."""
+
+    def lookup(self, request: PodRequest, *, zone: str) -> Lookup:
+        """The cache this pod should use in ``zone``; never raises (fail open)."""
+        ...
+
+
+class EventSink(Protocol):
+    """Events on pods (``kube_pods.PodEvents``): queued, de-duplicated per pod and reason."""
+
+    def emit(self, pod: PodInfo, *, reason: str, message: str, warning: bool) -> None:
+        """Queue one event; never blocks."""
+        ...
+
+
+@dataclass(slots=True)
+class _Pod:
+    request: PodRequest
+    lookup: Lookup
+    asked_at: float
+    said: str = ""  # the last outcome reported on the pod ("ready", or the refusal's reason)
+
+
+class PodDisks:
+    """Keeps the node's disks as its pods' caches want, and tells the pods."""
+
+    def __init__(
+        self,
+        *,
+        keeper: DiskKeeper,
+        matcher: CacheLookup,
+        events: EventSink,
+        default_mode: Mode = Mode.OFF,
+        retry_seconds: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_accelerated: Callable[[], None] = lambda: None,
+        on_failure: Callable[[str], None] = lambda _reason: None,
+        on_disks_changed: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._keeper = keeper
+        self._matcher = matcher
+        self._events = events
+        self._default_mode = default_mode
+        self._retry = retry_seconds
+        self._clock = clock
+        self._on_accelerated = on_accelerated
+        self._on_failure = on_failure
+        self._on_disks_changed = on_disks_changed
+        self._pods: dict[str, _Pod] = {}  # uid -> what was asked and said
+
+    def wanted(self) -> dict[str, str]:
+        """Pod uid -> cache id, as of the last round."""
+        return {uid: pod.lookup.cache_id for uid, pod in self._pods.items()}
+
+    def round(self, pods: Mapping[str, PodInfo]) -> DiskPlan:
+        """One round over all the pods on the node (uid -> pod)."""
+        now = self._clock()
+        for uid in [uid for uid in self._pods if uid not in pods]:
+            del self._pods[uid]
+        for uid, pod in pods.items():
+            request = pod_request(pod, default_mode=self._default_mode)
+            known = self._pods.get(uid)
+            stale = known is not None and not known.lookup.known and now - known.asked_at >= self._retry
+            if known is None or known.request != request or stale:
+                self._pods[uid] = _Pod(request, self._ask(request), now)
+        plan = self._keeper.reconcile(self.wanted())
+        if plan.provision or plan.release:
+            self._on_disks_changed()
+        for uid, state in self._pods.items():
+            if state.lookup.cache_id:
+                self._tell(pods[uid], state)
+        return plan
+
+    def _ask(self, request: PodRequest) -> Lookup:
+        if not request.wants_cache:
+            return Lookup(why=request.problem or "the pod does not use an image cache")
+        lookup = self._matcher.lookup(request, zone=self._keeper.zone)
+        if not lookup.known:
+            self._on_failure(MATCHER_UNAVAILABLE)
+        return lookup
+
+    def _tell(self, pod: PodInfo, state: _Pod) -> None:
+        cache_id = state.lookup.cache_id
+        disk_id = self._keeper.disk_of(cache_id)
+        zone = self._keeper.zone
+        if disk_id is not None:
+            if state.said != "ready":
+                state.said = "ready"
+                self._on_accelerated()
+                self._events.emit(
+                    pod,
+                    reason=READY,
+                    message=f"disk {disk_id} of image cache {cache_id} is attached on node "
+                    f"{self._keeper.node} (zone {zone}); the pod's cached images are served from it",
+                    warning=False,
+                )
+            return
+        refusal = self._keeper.refusal(cache_id)
+        if refusal is not None and state.said != (refusal.reason or refusal.code):
+            state.said = refusal.reason or refusal.code
+            self._events.emit(
+                pod,
+                reason=FAILED,
+                message=f"no disk of image cache {cache_id} in zone {zone}: {refusal}; "
+                "the pod pulls its images from their registries",
+                warning=True,
+            )
