@@ -100,7 +100,8 @@ def test_overlay_passes_a_server_side_dry_run(
     objects = render(overlay)
     first = [obj for obj in objects if obj["kind"] in APPLIED_FIRST]
     rest = [for_kube_1_20(obj) for obj in objects if obj["kind"] not in APPLIED_FIRST]
-    assert sorted(obj["kind"] for obj in first) == sorted(APPLIED_FIRST)
+    # snapcache-system, and snapcache-node for the node agent
+    assert sorted(obj["metadata"]["name"] for obj in first) == ["snapcache-node", "snapcache-system"]
     applied = apply(kubeconfig, first)
     checked = apply(kubeconfig, rest, "--dry-run=server")
     dropped = {
@@ -161,6 +162,27 @@ ACCESS: dict[str, tuple[list[Access], list[Access]]] = {
             Access("get", "pods", namespace=ELSEWHERE),
             Access("delete", "pods", namespace=ELSEWHERE),
             Access("create", "pods", namespace=ELSEWHERE, subresource="binding", name="p"),
+            Access("patch", "events", namespace=ELSEWHERE),
+            Access("list", "imagecaches", group="snapcache.io"),
+        ],
+    ),
+    "node-agent": (
+        [
+            # its node's pods (it asks with fieldSelector=spec.nodeName; RBAC cannot narrow by field)
+            Access("list", "pods"),
+            Access("watch", "pods"),
+            Access("get", "nodes", name="node-1"),  # its zone label
+            Access("create", "events", namespace=ELSEWHERE),
+        ],
+        [
+            Access("get", "secrets", namespace=ELSEWHERE),
+            Access("list", "secrets"),
+            Access("list", "nodes"),
+            Access("patch", "nodes", name="node-1"),
+            Access("create", "pods", namespace=ELSEWHERE),
+            Access("delete", "pods", namespace=ELSEWHERE),
+            Access("patch", "pods", namespace=ELSEWHERE, name="p"),
+            Access("patch", "pods", namespace=ELSEWHERE, subresource="status", name="p"),
             Access("patch", "events", namespace=ELSEWHERE),
             Access("list", "imagecaches", group="snapcache.io"),
         ],

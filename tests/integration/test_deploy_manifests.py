@@ -21,6 +21,7 @@ from services.matcher.servicer import SERVICE_NAME as MATCHER_SERVICE
 from snapcache_cli.main import build_parser
 from tests.support.deploy_render import (
     NAMESPACE,
+    NODE_NAMESPACE,
     OVERLAYS,
     Manifest,
     containers,
@@ -84,8 +85,13 @@ def test_overlay_holds_the_whole_system_in_its_namespace(overlay: str) -> None:
         if obj["kind"] not in {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
         and obj["metadata"].get("namespace") != NAMESPACE
     ]
-    # the one exception: the second scheduler reads the apiserver's client CA in kube-system
-    assert elsewhere == [("RoleBinding", "kube-system", "snapcache-scheduler-authentication-reader")]
+    # the exceptions: the second scheduler reads the apiserver's client CA in kube-system, and
+    # the node agent, whose pods need the host, runs in a namespace of its own
+    assert sorted(elsewhere) == [
+        ("DaemonSet", NODE_NAMESPACE, "snapcache-node-agent"),
+        ("RoleBinding", "kube-system", "snapcache-scheduler-authentication-reader"),
+        ("ServiceAccount", NODE_NAMESPACE, "snapcache-node-agent"),
+    ]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -357,3 +363,67 @@ def test_overlays_differ_only_in_the_registrys_database() -> None:
         return [obj for obj in objects if (obj["kind"], obj["metadata"]["name"]) != registry]
 
     assert without_registry(embedded) == without_registry(ha)
+
+
+def node_agent(objects: Sequence[Manifest]) -> Manifest:
+    return find(objects, "DaemonSet", "snapcache-node-agent")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_node_agent_runs_on_every_node_with_args_the_cli_accepts(
+    overlay: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    objects = render(overlay)
+    daemon_set = node_agent(objects)
+    assert daemon_set["metadata"]["namespace"] == NODE_NAMESPACE
+    labels = find(objects, "Namespace", NODE_NAMESPACE)["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"  # hostNetwork, hostPath
+    # snapcache-system stays restricted: the node agent is the only pod that needs the host
+    system_labels = find(objects, "Namespace", NAMESPACE)["metadata"]["labels"]
+    assert system_labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert [d["metadata"]["name"] for d in of_kind(objects, "DaemonSet")] == ["snapcache-node-agent"]
+    spec = daemon_set["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "snapcache-node-agent"
+    find(objects, "ServiceAccount", "snapcache-node-agent")
+    assert {"operator": "Exists"} in spec["tolerations"]  # tainted nodes run pods too
+    # containerd (host network namespace) reaches the mirror on the node's loopback
+    assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    [container] = containers(daemon_set)
+    assert "command" not in container
+    args = container["args"]
+    env = {item["name"]: item for item in container["env"]}
+    for reference in re.findall(r"\$\((\w+)\)", " ".join(args)):
+        assert reference in env, f"node-agent: $({reference}) is not in the container's env"
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    parsed = parse_cli(args, capsys)
+    assert parsed.command == "node-agent"
+    assert parsed.node_name == "$(NODE_NAME)"
+    assert parsed.matcher == f"snapcache-matcher.{NAMESPACE}.svc:50052"
+    assert parsed.registry == f"snapcache-registry.{NAMESPACE}.svc:50051"
+    assert parsed.in_cluster is True  # its node's pods, its Node's zone, pod Events
+    assert parsed.disk_grace_seconds > 0
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert parsed.listen == f"127.0.0.1:{ports['mirror']}"  # nothing off the node reaches the mirror
+    assert flag_port(parsed.metrics_listen) == ports["metrics"]
+    for key in ("readinessProbe", "livenessProbe"):
+        assert container[key]["tcpSocket"] == {"host": "127.0.0.1", "port": ports["mirror"]}
+    # root only to write hosts.toml in the host's root-owned directory; no capability, no escalation
+    security = container["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"]} and security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True and security.get("privileged", False) is False
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
+    assert mounts[str(parsed.disk_root)]["readOnly"] is True  # the registry provisions, the agent reads
+    writable = [path for path, mount in mounts.items() if not mount.get("readOnly")]
+    assert writable == [str(parsed.containerd_hosts_dir)]
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    assert (
+        volumes[mounts[str(parsed.containerd_hosts_dir)]["name"]]["hostPath"]["path"]
+        == "/etc/containerd/certs.d"
+    )
+    for resource in ("cpu", "memory"):
+        assert (
+            0
+            < quantity(container["resources"]["requests"][resource])
+            <= quantity(container["resources"]["limits"][resource])
+        )

@@ -23,6 +23,7 @@ REPO = Path(__file__).parents[2]
 DEPLOY = REPO / "deploy"
 OVERLAYS = ("embedded", "ha")
 NAMESPACE = "snapcache-system"
+NODE_NAMESPACE = "snapcache-node"  # the node agent alone: its pods need the host
 
 Manifest = dict[str, Any]
 
@@ -117,7 +118,7 @@ def for_kube_1_20(obj: Manifest) -> Manifest:
 
 
 def relocate(objects: Sequence[Manifest], *, namespace: str, suffix: str) -> list[Manifest]:
-    """The RBAC objects among ``objects``, moved from snapcache-system to ``namespace``.
+    """The RBAC objects among ``objects``, moved from snapcache-system (and snapcache-node) to ``namespace``.
 
     Cluster-scoped roles and bindings of snapcache's own get ``suffix`` (and references to them
     follow), so several runs against one shared cluster never touch each other's grants. Roles of
@@ -127,7 +128,7 @@ def relocate(objects: Sequence[Manifest], *, namespace: str, suffix: str) -> lis
     own_cluster_roles = {obj["metadata"]["name"] for obj in rbac if obj["kind"] == "ClusterRole"}
     for obj in rbac:
         metadata = obj["metadata"]
-        if metadata.get("namespace") == NAMESPACE:
+        if metadata.get("namespace") in (NAMESPACE, NODE_NAMESPACE):
             metadata["namespace"] = namespace
         if obj["kind"] in CLUSTER_SCOPED:
             metadata["name"] += suffix
@@ -135,7 +136,7 @@ def relocate(objects: Sequence[Manifest], *, namespace: str, suffix: str) -> lis
             metadata["name"] += suffix  # e.g. the scheduler's RoleBinding in kube-system
         if obj["kind"] in ("RoleBinding", "ClusterRoleBinding"):
             for subject in obj.get("subjects", []):
-                if subject.get("namespace") == NAMESPACE:
+                if subject.get("namespace") in (NAMESPACE, NODE_NAMESPACE):
                     subject["namespace"] = namespace
             role_ref = obj["roleRef"]
             if role_ref["kind"] == "ClusterRole" and role_ref["name"] in own_cluster_roles:
