@@ -37,6 +37,7 @@ from grpc_reflection.v1alpha import reflection
 from snapcache.access import AccessPolicy
 from snapcache.rpc_auth import AioAuthInterceptor, AuthInterceptor
 from snapcache.rpc_errors import AioErrorInterceptor, ErrorInterceptor
+from snapcache.rpc_observer import AioRpcObserver, RpcMetrics, RpcObserver
 from snapcache.tls import ServerTls, server_credentials
 
 log = logging.getLogger(__name__)
@@ -136,14 +137,18 @@ def create_server(
     max_concurrent_rpcs: int | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     security: ServerSecurity = PLAINTEXT,
+    metrics: RpcMetrics | None = None,
 ) -> RunningServer:
-    """Build and start a server on ``address`` (port 0 picks a free one); return it with its port."""
+    """Build and start a server on ``address`` (port 0 picks a free one); return it with its port.
+
+    Every call is logged and, with ``metrics``, counted and timed (`snapcache.rpc_observer`).
+    """
     auth: list[grpc.ServerInterceptor] = []
     if security.access is not None:
         auth.append(AuthInterceptor(security.access, client_certificates=security.client_certificates))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        interceptors=[*auth, *interceptors, ErrorInterceptor()],
+        interceptors=[RpcObserver(metrics), *auth, *interceptors, ErrorInterceptor()],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
         options=[
             ("grpc.so_reuseport", 0),
@@ -212,6 +217,7 @@ def create_aio_server(
     max_concurrent_rpcs: int | None = None,
     thread_name: str = "grpc-aio",
     security: ServerSecurity = PLAINTEXT,
+    metrics: RpcMetrics | None = None,
 ) -> AioRunningServer:
     """Like `create_server`, for servicers whose methods are coroutines; serves on its own thread."""
     loop = asyncio.new_event_loop()
@@ -223,7 +229,7 @@ def create_aio_server(
 
     async def start() -> None:
         server = grpc.aio.server(
-            interceptors=[*auth, AioErrorInterceptor()],
+            interceptors=[AioRpcObserver(metrics), *auth, AioErrorInterceptor()],
             maximum_concurrent_rpcs=max_concurrent_rpcs,
             options=[
                 ("grpc.so_reuseport", 0),

@@ -21,6 +21,7 @@ from grpc_status import rpc_status
 from snapcache import errors
 from snapcache.access import AccessPolicy, Caller
 from snapcache.rpc_errors import to_status
+from snapcache.rpc_observer import principal_user
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,12 @@ class AuthInterceptor(grpc.ServerInterceptor):
         def check(context: grpc.ServicerContext) -> None:
             caller = _caller(metadata, context, read_certificate=self._certificates)
             try:
-                self._policy.authorize(method, caller)
+                principal = self._policy.authorize(method, caller)
             except errors.SnapcacheError as exc:
                 _log_refusal(method, exc)
                 context.abort_with_status(rpc_status.to_status(to_status(exc)))
+            if principal is not None:
+                principal_user.set(principal.user)  # for the request's log line
 
         kwargs = {
             "request_deserializer": handler.request_deserializer,
@@ -147,11 +150,13 @@ class AioAuthInterceptor(grpc.aio.ServerInterceptor):
         async def check(context: grpc.aio.ServicerContext[Any, Any]) -> None:
             caller = _caller(metadata, context, read_certificate=self._certificates)
             try:
-                self._policy.authorize(method, caller)
+                principal = self._policy.authorize(method, caller)
             except errors.SnapcacheError as exc:
                 _log_refusal(method, exc)
                 status = rpc_status.to_status(to_status(exc))
                 await context.abort(status.code, status.details, status.trailing_metadata)
+            if principal is not None:
+                principal_user.set(principal.user)  # for the request's log line
 
         kwargs = {
             "request_deserializer": handler.request_deserializer,

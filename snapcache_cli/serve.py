@@ -29,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
+from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.cache_registry.server import RegistryApp, RegistryConfig, ZoneConfig
@@ -43,6 +44,7 @@ from snapcache.access import (
     parse_role,
 )
 from snapcache.grpc_server import PLAINTEXT, ServerSecurity
+from snapcache.metrics_endpoint import MetricsEndpoint
 from snapcache.tls import PLAINTEXT_CHANNEL, ClientSecurity, ServerTls
 from snapcache_cli.client import CommandFailed, client_security
 
@@ -215,6 +217,35 @@ class ExtenderComponent:
         if self.app is not None:
             self.app.stop()
             self.app = None
+
+
+@dataclass
+class MetricsComponent:
+    """One /metrics endpoint with the metrics of every component of the process (started last).
+
+    One endpoint rather than one per component: a pod is one scrape target, and the components'
+    metric names never collide (each has its own prefix).
+    """
+
+    listen: str
+    registries: Callable[[], Sequence[CollectorRegistry]]
+    name: str = "metrics endpoint"
+    endpoint: MetricsEndpoint | None = None
+
+    def start(self) -> str:
+        """Serve the registries of the components already started."""
+        self.endpoint = MetricsEndpoint(*self.registries())
+        port = self.endpoint.serve(self.listen)
+        return f"metrics on http://{self.listen.rpartition(':')[0]}:{port}/metrics"
+
+    def drain(self) -> None:
+        """Keep serving: the last scrapes during a shutdown are worth having."""
+
+    def stop(self) -> None:
+        """Stop serving."""
+        if self.endpoint is not None:
+            self.endpoint.stop()
+            self.endpoint = None
 
 
 def start_all(components: Sequence[Component]) -> list[str]:
@@ -415,7 +446,7 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
         "--metrics-listen",
         default="",
         metavar="HOST:PORT",
-        help="serve the matcher's Prometheus /metrics here (default: not served)",
+        help="serve Prometheus /metrics of every service this process runs here (default: not served)",
     )
     _add_security_options(serve)
     serve.set_defaults(handler=run_serve, default_log_level="info")
@@ -622,15 +653,23 @@ def run_serve(args: argparse.Namespace) -> int:
         matcher = MatcherComponent(
             listen=args.matcher_listen,
             registry=registry_address,
-            metrics_listen=args.metrics_listen,
             security=security,
             registry_security=clients,
             max_inflight_rpcs=args.max_inflight_rpcs or 1024,
         )
         components.append(matcher)
+    extender: ExtenderComponent | None = None
     if runs_extender:
         extender = extender_component(args, matcher_address)
-        components.append(dataclasses.replace(extender, matcher_security=clients, tls=security.tls))
+        extender = dataclasses.replace(extender, matcher_security=clients, tls=security.tls)
+        components.append(extender)
+    if args.metrics_listen:
+
+        def registries() -> list[CollectorRegistry]:
+            apps = [c.app for c in (registry, matcher, extender) if c is not None]
+            return [app.metrics.registry for app in apps if app is not None]
+
+        components.append(MetricsComponent(args.metrics_listen, registries))
     where = start_or_explain(components)
     print("snapcache serving: " + "; ".join(where), flush=True)
     try:

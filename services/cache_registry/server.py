@@ -24,6 +24,7 @@ from services.cache_registry.feed import CommitSignal
 from services.cache_registry.kube_secrets import KubeSecretReader
 from services.cache_registry.local_provider import LocalProvider, LocalProviderConfig, LocalZone
 from services.cache_registry.messages import ImageCacheWire
+from services.cache_registry.metrics import RegistryMetrics
 from services.cache_registry.service import CacheRegistry, RegistrySettings
 from services.cache_registry.servicer import SERVICE_NAME, CacheRegistryServicer
 from services.cache_registry.worker import LifecycleWorker, WorkerSettings
@@ -156,6 +157,7 @@ class RegistryApp:
             settings=RegistrySettings(),
             encoder=ImageCacheWire(),
         )
+        self.metrics = RegistryMetrics(database=self.database, zones=tuple(z.name for z in config.zones))
         owner = config.instance_id or f"{socket.gethostname()}:{config.data_dir.resolve()}"
         self.worker = LifecycleWorker(
             database=self.database,
@@ -171,6 +173,7 @@ class RegistryApp:
             ),
             resolve_credentials=CredentialRefResolver(self.secrets),
             encoder=ImageCacheWire(),
+            on_build=self.metrics.build_finished,
         )
         self.server: RunningServer | None = None
         if self.secrets is not None:
@@ -203,6 +206,7 @@ class RegistryApp:
             max_workers=self.config.grpc_workers,
             max_concurrent_rpcs=self.config.max_inflight_rpcs,
             security=self.config.security,
+            metrics=self.metrics.rpc,
         )
         log.info(
             "cache registry serving on port %d (database %s)",

@@ -64,6 +64,8 @@ LOST_ZONE_MIN_SAMPLE = 10
 
 GIB = 1024**3
 CredentialResolver = Callable[[Sequence[CredentialRef]], Mapping[str, RegistryCredential]]
+# (result: "succeeded" | "retrying" | "failed", seconds the attempt took, compressed bytes pulled)
+BuildObserver = Callable[[str, float, int], None]
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,10 @@ class LifecycleWorker:
         settings: WorkerSettings,
         resolve_credentials: CredentialResolver,
         encoder: store.CacheEncoder | None = None,
+        on_build: BuildObserver | None = None,
     ) -> None:
         self._db = database
+        self._on_build = on_build  # metrics: one call per finished build attempt
         self._provider = provider
         self._signal = signal
         self._clock = clock
@@ -274,6 +278,7 @@ class LifecycleWorker:
             ),
         )
         reporter: _ProgressReporter | None = None
+        started = time.monotonic()
         try:
             self._provider.create_builder_disk(disk_id=disk_id, capacity_bytes=capacity)
             options = PullOptions(
@@ -382,6 +387,7 @@ class LifecycleWorker:
             )
             if previous_snapshot and previous_snapshot != snapshot_id:
                 self._provider.delete_snapshot(snapshot_id=previous_snapshot)
+            self._observe_build("succeeded", started, sum(p.compressed_bytes for p in pulled))
             self._hydrate(cache)
         except BuildFailure as failure:
             if self._stop.is_set():
@@ -392,14 +398,20 @@ class LifecycleWorker:
                 log.info("build %s of %s superseded; discarding it", build_id, cache.cache_id)
                 self._provider.release_builder_disk(disk_id=disk_id)
                 return
-            self._build_failed(cache, build_id, disk_id, attempt, failure)
+            retrying = self._build_failed(cache, build_id, disk_id, attempt, failure)
+            self._observe_build("retrying" if retrying else "failed", started, 0)
         except _Superseded:
             log.info("build %s of %s superseded; discarding it", build_id, cache.cache_id)
             self._provider.release_builder_disk(disk_id=disk_id)
 
+    def _observe_build(self, result: str, started: float, bytes_pulled: int) -> None:
+        if self._on_build is not None:
+            self._on_build(result, time.monotonic() - started, bytes_pulled)
+
     def _build_failed(
         self, cache: ImageCache, build_id: str, disk_id: str, attempt: int, failure: BuildFailure
-    ) -> None:
+    ) -> bool:
+        """Schedule a retry (True) or fail the cache (False)."""
         settings = self._settings
         if failure.retryable and attempt < settings.max_build_attempts:
             delay = settings.retry_base_seconds * 2 ** (attempt - 1) * _JITTER.uniform(0.8, 1.2)
@@ -416,7 +428,7 @@ class LifecycleWorker:
                 ),
                 next_attempt=self._clock() + timedelta(seconds=delay),
             )
-            return  # the builder disk is kept so the retry resumes from the blobs pulled so far
+            return True  # the builder disk is kept so the retry resumes from the blobs pulled so far
         self._provider.release_builder_disk(disk_id=disk_id)
         self._write(
             cache,
@@ -430,6 +442,7 @@ class LifecycleWorker:
             ),
             event=(EventType.WARNING, "BuildFailed", failure.message, {"reason": failure.reason}),
         )
+        return False
 
     # --- zones, expiry, deletion ---------------------------------------------------------------
 

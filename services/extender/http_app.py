@@ -22,6 +22,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import compress
@@ -39,9 +40,11 @@ from services.extender.api import (
 from services.extender.metrics import ExtenderMetrics
 from services.extender.scheduling import Scheduling
 from snapcache.errors import InvalidArgument, SnapcacheError
+from snapcache.rpc_observer import REQUEST_ID_KEY, REQUEST_LOG, REQUEST_LOGGER
 from snapcache.tls import SSLContextFiles
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger(REQUEST_LOGGER)
 
 _JSON: Final = "application/json"
 _TEXT: Final = "text/plain; charset=utf-8"
@@ -94,16 +97,20 @@ class ExtenderRoutes:
             verb = "prioritize"
         else:
             return 404, _JSON, _error_body(404, f"no such verb: POST {path[:100]}")
+        started = time.perf_counter()
+        status, content_type, answer = self._answer(verb, body)
+        self.metrics.request(verb, status, time.perf_counter() - started)
+        return status, content_type, answer
+
+    def _answer(self, verb: str, body: bytes) -> tuple[int, str, bytes]:
         if verb == "prioritize":
             pod = peek_pod(body)
             if pod is not None and not self.scheduling.wants_cache(pod):
-                self.metrics.request(verb, 200)
                 return 200, _JSON, b"[]"  # every node 0, without decoding thousands of names
         try:
             args = decode_args(body)
         except SnapcacheError as exc:
             status = http_status(exc)
-            self.metrics.request(verb, status)
             return status, _JSON, _error_body(status, str(exc), exc.reason)
         try:
             answer = self._filter(args) if verb == "filter" else self._prioritize(args)
@@ -115,7 +122,6 @@ class ExtenderRoutes:
                 if verb == "filter"
                 else encode_host_priorities(args.node_names, [0] * len(args.node_names))
             )
-        self.metrics.request(verb, 200)
         return 200, _JSON, answer
 
     def get(self, path: str) -> tuple[int, str, bytes]:
@@ -151,37 +157,45 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def do_GET(self) -> None:
+        started = time.perf_counter()
         path = self.path.partition("?")[0]
-        self._send(*self.server.routes.get(path))
+        status = self._send(*self.server.routes.get(path))
+        self._log("GET", path, status, started)
 
     def do_POST(self) -> None:
+        started = time.perf_counter()
         path = self.path.partition("?")[0]
+        status = self._post(path)
+        if status:
+            self._log("POST", path, status, started)
+
+    def _post(self, path: str) -> int:
+        """Read the body and answer; the status sent (0: the connection broke first)."""
         if self.headers.get("Transfer-Encoding"):
-            self._refuse(411, "chunked bodies are not accepted: send Content-Length")
-            return
+            return self._refuse(411, "chunked bodies are not accepted: send Content-Length")
         length_text = self.headers.get("Content-Length")
         try:
             length = int(length_text) if length_text is not None else -1
         except ValueError:
             length = -1
         if length < 0:
-            self._refuse(411, "Content-Length is required")
-            return
+            return self._refuse(411, "Content-Length is required")
         limit = self.server.max_body_bytes
         if length > limit:
-            self._refuse(413, f"body of {length} bytes is over the limit of {limit} bytes", drain=length)
-            return
+            return self._refuse(
+                413, f"body of {length} bytes is over the limit of {limit} bytes", drain=length
+            )
         try:
             body = self.rfile.read(length)
         except OSError:
             self.close_connection = True
-            return
+            return 0
         if len(body) != length:
             self.close_connection = True
-            return
-        self._send(*self.server.routes.post(path, body))
+            return 0
+        return self._send(*self.server.routes.post(path, body))
 
-    def _refuse(self, status: int, message: str, *, drain: int = 0) -> None:
+    def _refuse(self, status: int, message: str, *, drain: int = 0) -> int:
         self._send(status, _JSON, _error_body(status, message), close=True)
         # Read (and drop) what the client is still sending, so it sees our answer rather than
         # a connection reset; bounded by size and by the socket timeout.
@@ -195,8 +209,9 @@ class _Handler(BaseHTTPRequestHandler):
                     remaining -= len(chunk)
             except OSError:
                 pass
+        return status
 
-    def _send(self, status: int, content_type: str, body: bytes, *, close: bool = False) -> None:
+    def _send(self, status: int, content_type: str, body: bytes, *, close: bool = False) -> int:
         head = (
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
             f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
@@ -209,6 +224,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(head.encode("latin-1") + body)  # one write: see the module docstring
         except OSError:
             self.close_connection = True
+        return status
+
+    def _log(self, method: str, path: str, status: int, started: float) -> None:
+        """One line per request (probes and scrapes at debug); no header but the request id is read."""
+        level = logging.DEBUG if method == "GET" else logging.INFO
+        if request_log.isEnabledFor(level):
+            seconds = time.perf_counter() - started
+            given = self.headers.get(REQUEST_ID_KEY)
+            metadata = ((REQUEST_ID_KEY, given),) if given else ()
+            REQUEST_LOG.add((time.time(), level, f"{method} {path[:100]}", status, seconds, metadata, ""))
 
     def log_message(self, format: str, *args: object) -> None:
         log.debug("http: " + format, *args)

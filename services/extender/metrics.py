@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from snapcache.rpc_observer import LATENCY_BUCKETS
 
 
 class _NodeCacheCollector(Collector):
@@ -41,6 +43,14 @@ class ExtenderMetrics:
         )
         self._requests = requests
         self._bound: dict[tuple[str, int], Any] = {}
+        latency = Histogram(
+            "snapcache_extender_request_duration_seconds",
+            "Seconds taken to answer a scheduler call (the matcher's included), by verb",
+            ["verb"],
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self._latency = {verb: latency.labels(verb) for verb in ("filter", "prioritize")}
         fail_open = Counter(
             "snapcache_extender_fail_open",
             "Matcher calls that failed (down, slow, error), answered as if no cache: by gRPC code",
@@ -57,12 +67,14 @@ class ExtenderMetrics:
             "snapcache_extender_events_sent", "Pod events written", registry=self.registry
         )
 
-    def request(self, verb: str, code: int) -> None:
-        """Count one HTTP answer."""
+    def request(self, verb: str, code: int, seconds: float | None = None) -> None:
+        """Count one HTTP answer (and time it)."""
         child = self._bound.get((verb, code))
         if child is None:  # bound once per pair: a label lookup costs more than the increment
             child = self._bound.setdefault((verb, code), self._requests.labels(verb, str(code)))
         child.inc()
+        if seconds is not None:
+            self._latency[verb].observe(seconds)
 
     def fail_open(self, code: str) -> None:
         """Count one matcher call that failed open."""

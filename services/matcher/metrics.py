@@ -13,8 +13,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from services.matcher.index_sync import SyncStatus
-from services.matcher.matching import Decision
+from services.matcher.matching import Action, Decision
 from snapcache.metrics_endpoint import MetricsEndpoint
+from snapcache.rpc_observer import RpcMetrics
 
 
 class _IndexCollector(Collector):
@@ -56,22 +57,34 @@ class MatcherMetrics:
         self.registry.register(_IndexCollector(status, hits_pending))
         answers = Counter(
             "snapcache_matcher_answers",
-            "Match answers by decision",
-            ["decision"],
+            "Match answers by decision (why) and action (what the pod does)",
+            ["decision", "action"],
             registry=self.registry,
         )
-        # Per-decision children bound once: the request path only bumps one (no label lookup).
-        # Latency is left to the RPC layer's metrics: a histogram here would cost the hot path
-        # more than the rest of the bookkeeping together.
-        self._answers = {decision: answers.labels(decision.name) for decision in Decision}
+        # Children bound once: the request path only bumps one (no label lookup). Latency is
+        # the RPC layer's histogram (`rpc`): one per call, not a second one here.
+        self._answers = {
+            (decision, action): answers.labels(decision.name, action.name)
+            for decision in Decision
+            for action in Action
+        }
+        self.hits = Counter(
+            "snapcache_matcher_hits",
+            "Matches that chose a cache for a pod (validate_only previews excluded); "
+            "hit ratio: rate of this over rate of snapcache_matcher_answers_total",
+            registry=self.registry,
+        )
+        self.rpc = RpcMetrics(self.registry, "snapcache_matcher")
         self.hits_reported = Counter(
             "snapcache_matcher_hits_reported", "Match hits accepted by the registry", registry=self.registry
         )
         self._endpoint = MetricsEndpoint(self.registry)
 
-    def answered(self, decision: Decision) -> None:
-        """Count one answer."""
-        self._answers[decision].inc()
+    def answered(self, decision: Decision, action: Action, *, hit: bool) -> None:
+        """Count one answer (and a hit, when it chose a cache for a pod)."""
+        self._answers[decision, action].inc()
+        if hit:
+            self.hits.inc()
 
     def serve(self, address: str) -> int:
         """Expose /metrics on ``host:port`` (port 0 picks one); return the port."""

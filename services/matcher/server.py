@@ -118,6 +118,7 @@ class MatcherApp:
             thread_name="matcher-grpc",
             max_concurrent_rpcs=self.config.max_inflight_rpcs,
             security=self.config.security,
+            metrics=self.metrics.rpc,
         )
         self._update_health()
         self.sync.start()

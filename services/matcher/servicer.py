@@ -60,10 +60,11 @@ class MatcherServicer(mpb_grpc.MatcherServiceServicer):
             outcome = match(index, match_request, now_ns=now_ns)
         revision, staleness = self._sync.position()
         chosen = outcome.chosen
-        if chosen is not None and not request.validate_only:
+        hit = chosen is not None and not request.validate_only
+        if chosen is not None and hit:
             self._hits.record(chosen.entry.name, now_ns)
         response = match_response(outcome, match_request, revision=revision, staleness_seconds=staleness)
-        self._metrics.answered(outcome.decision)
+        self._metrics.answered(outcome.decision, outcome.action, hit=hit)
         return response
 
     async def GetIndexStatus(

@@ -17,6 +17,7 @@ from services.cache_registry import store
 from services.cache_registry.credential_refs import resolve_local_credentials
 from services.cache_registry.database import Database, make_engine, migrate
 from services.cache_registry.feed import CommitSignal
+from services.cache_registry.metrics import RegistryMetrics
 from services.cache_registry.service import CacheRegistry, RegistrySettings
 from services.cache_registry.servicer import SERVICE_NAME, CacheRegistryServicer
 from services.cache_registry.worker import LifecycleWorker, WorkerSettings
@@ -51,6 +52,7 @@ class Harness:
     channel: grpc.Channel
     clock: ManualClock
     signal: CommitSignal
+    metrics: RegistryMetrics
 
     def settle(self, passes: int = 10) -> None:
         """Run lifecycle passes until nothing is due."""
@@ -84,6 +86,7 @@ def build_harness(
         settings=settings or RegistrySettings(watch_poll_seconds=0.05, watch_heartbeat_seconds=0.2),
         encoder=encoder,
     )
+    metrics = RegistryMetrics(database=database, zones=tuple(z.name for z in provider.zones()))
     worker = LifecycleWorker(
         database=database,
         provider=provider,
@@ -92,6 +95,7 @@ def build_harness(
         settings=WorkerSettings(owner="test-worker", retry_base_seconds=1.0, progress_interval_seconds=0.0),
         resolve_credentials=resolve_local_credentials,
         encoder=encoder,
+        on_build=metrics.build_finished,
     )
     server = create_server(
         "127.0.0.1:0",
@@ -103,6 +107,7 @@ def build_harness(
             )
         ],
         max_workers=8,
+        metrics=metrics.rpc,
     )
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     return Harness(
@@ -115,6 +120,7 @@ def build_harness(
         channel=channel,
         clock=clock,
         signal=signal,
+        metrics=metrics,
     )
 
 
