@@ -324,10 +324,11 @@ def _start_apiserver(workdir: Path, etcd_url: str, tokens: Mapping[str, str]) ->
             f"--service-account-signing-key-file={workdir / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
             "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",
-            # Node watches straight from etcd: a test compacts etcd's history to get the 410 Gone a
-            # watcher that was away too long gets. The watch cache would keep every node change of
-            # a short test and serve it, never answering 410.
-            "--watch-cache-sizes=nodes#0",
+            # Node and pod watches straight from etcd: a test compacts etcd's history to get the
+            # 410 Gone a watcher that was away too long gets (the extender's node cache, the node
+            # agent's pod watch). The watch cache would keep every change of a short test and serve
+            # it, never answering 410.
+            "--watch-cache-sizes=nodes#0,pods#0",
             "--v=1",
         ],
         workdir / "kube-apiserver.log",
