@@ -31,8 +31,15 @@ def encode(cursor: Mapping[str, Any], *, scope: str) -> str:
     return base64.urlsafe_b64encode(body).decode().rstrip("=")
 
 
-def decode(token: str, *, scope: str, field: str = "page_token") -> dict[str, Any]:
-    """The cursor inside ``token``; INVALID_ARGUMENT if it was not issued for this scope."""
+def decode(
+    token: str, *, scope: str, field: str = "page_token", expect: Mapping[str, type] | None = None
+) -> dict[str, Any]:
+    """The cursor inside ``token``; INVALID_ARGUMENT if it was not issued for this scope.
+
+    The checksum only tells a token from another scope or a typo; it is no signature, so anyone
+    can make one: ``expect`` names the cursor's keys and types (an int in 0..2**63-1, as SQL
+    takes), and a cursor with a key of another type is refused like any bad token.
+    """
 
     def bad(why: str) -> InvalidArgument:
         return InvalidArgument(
@@ -52,8 +59,17 @@ def decode(token: str, *, scope: str, field: str = "page_token") -> dict[str, An
         raise bad("page token is not valid for this request (tampered, or the filter changed)")
     try:
         cursor = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the stack
         raise bad("page token is not valid") from None
     if not isinstance(cursor, dict) or cursor.pop("v", None) != _VERSION:
         raise bad("page token is from an incompatible server version")
+    for key, kind in (expect or {}).items():
+        if key in cursor and not _is(cursor[key], kind):
+            raise bad("page token is not valid")
     return cursor
+
+
+def _is(value: object, kind: type) -> bool:
+    if kind is int:
+        return type(value) is int and 0 <= value < 2**63  # not bool; in SQL's range
+    return isinstance(value, kind)

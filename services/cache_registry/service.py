@@ -226,7 +226,8 @@ class CacheRegistry:
         limit = check_page_size(page_size)
         where = parse_filter(filter_text)
         scope = f"caches:{filter_text.strip()}"
-        after = str(page_tokens.decode(page_token, scope=scope).get("after", "")) if page_token else ""
+        cursor = page_tokens.decode(page_token, scope=scope, expect={"after": str}) if page_token else {}
+        after = str(cursor.get("after", ""))
         with self._db.transaction(write=False) as session:
             revision = store.current_revision(session)
             caches = store.read_caches(
@@ -335,7 +336,8 @@ class CacheRegistry:
         cache_id = parse_cache_name(parent, field="parent")
         limit = check_page_size(page_size)
         scope = f"events:{cache_id}"
-        after = int(page_tokens.decode(page_token, scope=scope).get("after", 0)) if page_token else 0
+        cursor = page_tokens.decode(page_token, scope=scope, expect={"after": int}) if page_token else {}
+        after = int(cursor.get("after", 0))
         with self._db.transaction(write=False) as session:
             self._require(store.get_cache(session, cache_id=cache_id), cache_id)
             events = store.list_events(session, cache_id=cache_id, after_sequence=after, limit=limit + 1)
