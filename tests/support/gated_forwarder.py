@@ -1,4 +1,4 @@
-"""A TCP forwarder that holds every connection until opened: a registry that stalls, on demand."""
+"""A TCP forwarder that holds connections on demand: a registry that stalls, or a network partition."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ class GatedForwarder:
         self.listener.settimeout(0.2)
         self.port = self.listener.getsockname()[1]
         self.gate = threading.Event()
+        self.flowing = threading.Event()  # cleared: bytes in flight wait, as behind a partition
+        self.flowing.set()
         self.stopping = threading.Event()
         self.held = 0
         self.sockets: list[socket.socket] = []
@@ -27,6 +29,16 @@ class GatedForwarder:
         return f"127.0.0.1:{self.port}"
 
     def open(self) -> None:
+        self.gate.set()
+
+    def partition(self) -> None:
+        """Nothing gets through either way: new connections are held and open ones go silent."""
+        self.gate.clear()
+        self.flowing.clear()
+
+    def heal(self) -> None:
+        """Everything flows again (what was held is delivered, as TCP would after a partition)."""
+        self.flowing.set()
         self.gate.set()
 
     def _accept(self) -> None:
@@ -55,10 +67,12 @@ class GatedForwarder:
         self._pump(downstream, upstream)
         pump.join(timeout=5)
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while chunk := source.recv(65536):
+                while not self.flowing.wait(0.1):
+                    if self.stopping.is_set():
+                        return
                 sink.sendall(chunk)
             sink.shutdown(socket.SHUT_WR)
         except OSError:
