@@ -63,13 +63,13 @@ class MatcherLookup:
             return Lookup(known=False, why=f"matcher call failed: {name}")
         decision = _DECISIONS.Name(answer.decision)
         if answer.action != _ACTIONS.Value("USE_CACHE") or not answer.image_cache:
-            return Lookup(why=f"{decision}: {answer.message}")
+            return Lookup(why=f"{decision}: {answer.message}", decision=decision)
         try:
             cache_id = parse_cache_name(answer.image_cache, field="image_cache")
         except InvalidArgument:
             log.warning("the matcher answered an unreadable cache name %r", answer.image_cache)
-            return Lookup(why=f"unreadable cache name {answer.image_cache!r}")
-        return Lookup(cache_id=cache_id, why=decision)
+            return Lookup(why=f"unreadable cache name {answer.image_cache!r}", decision=decision)
+        return Lookup(cache_id=cache_id, why=decision, decision=decision)
 
     def close(self) -> None:
         """Close the channel."""

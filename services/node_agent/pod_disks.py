@@ -7,12 +7,15 @@ Each round takes the pods bound to this node (from the pod watch) and:
   cache usable in this node's zone (the manual id, if any, goes with it). The answer is kept
   while the pod lives (its images cannot change without a new request, which asks again); a
   matcher that could not answer is asked again after ``retry_seconds``, the pod pulling through
-  the mirror meanwhile (fail open);
+  the mirror meanwhile (fail open). Once the matcher fails in a round, the round's other new
+  pods are not asked (they are asked next time): a hung matcher costs one timeout per round,
+  not one per pod;
 - hands pod -> cache to the ``DiskKeeper`` (one disk per cache per node, shared, released after
   the grace period, refused provisioning retried later);
 - says on each pod what became of it, once per outcome: ``ImageCacheDiskReady`` when its cache's
   disk is attached, ``ImageCacheDiskFailed`` (Warning) with the registry's reason when it could
-  not be provisioned (the pod pulls its images as it would without snapcache).
+  not be provisioned (the pod pulls its images as it would without snapcache), and for a pod
+  that named its cache (``imc-...``) when the matcher says it cannot be used in this zone.
 
 No transport here: the matcher and the event writer are ports, time is a callable.
 """
@@ -39,7 +42,8 @@ class Lookup:
 
     cache_id: str = ""  # "imc-..." to provision; "" when the pod pulls
     known: bool = True  # False when the matcher could not be asked (fail open, asked again later)
-    why: str = ""  # the decision or the failure, for logs
+    why: str = ""  # the decision or the failure, for logs and events
+    decision: str = ""  # the matcher's decision (MATCHED, MANUAL_NOT_AVAILABLE...); "" if not asked
 
 
 class CacheLookup(Protocol):
@@ -102,27 +106,48 @@ class PodDisks:
         now = self._clock()
         for uid in [uid for uid in self._pods if uid not in pods]:
             del self._pods[uid]
+        matcher_down: Lookup | None = None
         for uid, pod in pods.items():
             request = pod_request(pod, default_mode=self._default_mode)
             known = self._pods.get(uid)
             stale = known is not None and not known.lookup.known and now - known.asked_at >= self._retry
             if known is None or known.request != request or stale:
-                self._pods[uid] = _Pod(request, self._ask(request), now)
+                lookup = self._ask(request, matcher_down)
+                if not lookup.known:
+                    matcher_down = lookup
+                self._pods[uid] = _Pod(request, lookup, now)
         plan = self._keeper.reconcile(self.wanted())
         if plan.provision or plan.release:
             self._on_disks_changed()
         for uid, state in self._pods.items():
             if state.lookup.cache_id:
                 self._tell(pods[uid], state)
+            elif state.request.mode is Mode.MANUAL and state.lookup.known and state.request.wants_cache:
+                self._tell_unusable(pods[uid], state)
         return plan
 
-    def _ask(self, request: PodRequest) -> Lookup:
+    def _ask(self, request: PodRequest, matcher_down: Lookup | None) -> Lookup:
         if not request.wants_cache:
             return Lookup(why=request.problem or "the pod does not use an image cache")
+        if matcher_down is not None:
+            return matcher_down
         lookup = self._matcher.lookup(request, zone=self._keeper.zone)
         if not lookup.known:
             self._on_failure(MATCHER_UNAVAILABLE)
         return lookup
+
+    def _tell_unusable(self, pod: PodInfo, state: _Pod) -> None:
+        if state.said:
+            return
+        state.said = "unusable"
+        self._on_failure(state.lookup.decision or "NOT_USABLE")
+        self._events.emit(
+            pod,
+            reason=FAILED,
+            message=f"image cache {state.request.manual_id} cannot be used in zone {self._keeper.zone}: "
+            f"{state.lookup.why}; the pod pulls its images from their registries",
+            warning=True,
+        )
 
     def _tell(self, pod: PodInfo, state: _Pod) -> None:
         cache_id = state.lookup.cache_id

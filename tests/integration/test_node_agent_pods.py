@@ -339,3 +339,21 @@ def test_a_matcher_that_cannot_answer_fails_open(world: World, core: k8s.CoreV1A
         assert _events(core, namespace, pod) == []  # the pod pulls; nothing to say yet
     finally:
         agent.stop()
+
+
+def test_a_named_cache_not_in_the_nodes_zone_gives_a_warning(
+    world: World, core: k8s.CoreV1Api, namespace: str
+) -> None:
+    node = _node(core, "zone-elsewhere")  # no snapshot of any cache there
+    agent = _agent(world, node, world.root_a)
+    try:
+        pod = _pod(core, namespace, node, world.image, {USE: world.cache_id})
+        failed = _eventually(
+            lambda: _event(core, namespace, pod, "ImageCacheDiskFailed"), what="a warning event"
+        )
+        assert failed.type == "Warning" and "MANUAL_NOT_AVAILABLE" in failed.message
+        assert agent.keeper is not None and agent.keeper.disk_ids == frozenset()
+        reason = "MANUAL_NOT_AVAILABLE"
+        assert _metric(agent, "snapcache_node_agent_provisioning_failures_total", reason=reason) == 1
+    finally:
+        agent.stop()

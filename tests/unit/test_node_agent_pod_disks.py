@@ -131,3 +131,28 @@ def test_a_matcher_that_cannot_answer_is_asked_again_later() -> None:
     clock[0] = 3.0
     disks.round({a.uid: a})
     assert len(matcher.asked) == 2 and events.sent == [("a", READY, False)]
+
+
+def test_a_matcher_that_fails_is_asked_once_per_round_not_once_per_pod() -> None:
+    matcher = FakeMatcher(answer=Lookup(known=False, why="matcher call failed: DEADLINE_EXCEEDED"))
+    disks, _, clock, failures = _world(FakeRegistry(), matcher)
+    pods = {pod.uid: pod for pod in (_pod("a"), _pod("b"), _pod("c"))}
+    disks.round(pods)
+    assert len(matcher.asked) == 1 and failures == [MATCHER_UNAVAILABLE]
+    assert disks.wanted() == dict.fromkeys(pods, "")
+    matcher.answer = Lookup(cache_id=CACHE)
+    clock[0] = 3.0
+    disks.round(pods)
+    assert len(matcher.asked) == 4 and set(disks.wanted().values()) == {CACHE}
+
+
+def test_a_named_cache_that_cannot_be_used_here_is_a_warning_once() -> None:
+    why = "MANUAL_NOT_AVAILABLE: imc-0000000a has no snapshot in zone-a"
+    matcher = FakeMatcher(answer=Lookup(why=why, decision="MANUAL_NOT_AVAILABLE"))
+    disks, events, _, failures = _world(FakeRegistry(), matcher)
+    named = _pod("named", annotations={"snapcache.io/use-image-cache": CACHE})
+    auto = _pod("auto")
+    disks.round({named.uid: named, auto.uid: auto})
+    disks.round({named.uid: named, auto.uid: auto})
+    assert events.sent == [("named", FAILED, True)]  # an automatic miss is the extender's to tell
+    assert failures == ["MANUAL_NOT_AVAILABLE"]
