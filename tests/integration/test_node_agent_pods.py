@@ -9,6 +9,10 @@ the cluster is shared by the session.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -357,3 +361,40 @@ def test_a_named_cache_not_in_the_nodes_zone_gives_a_warning(
         assert _metric(agent, "snapcache_node_agent_provisioning_failures_total", reason=reason) == 1
     finally:
         agent.stop()
+
+
+def test_the_command_provisions_for_its_nodes_pods_and_stops_on_sigterm(
+    world: World, core: k8s.CoreV1Api, namespace: str
+) -> None:
+    """``snapcache node-agent`` with the DaemonSet's flags, as a process: the options reach the agent."""
+    node = _node(core, "zone-a")
+    disk_id = disk_id_for(cache_id=world.cache_id, node=node)
+    command = [
+        sys.executable, "-m", "snapcache_cli.main", "node-agent",
+        "--listen", "127.0.0.1:0",
+        "--disk-root", str(world.root_a),
+        "--upstream-plain-http", world.upstream.host,
+        "--matcher", f"127.0.0.1:{world.matcher.port}",
+        "--registry", f"127.0.0.1:{world.registry.port}",
+        "--kubeconfig", str(world.kubeconfig),
+        "--disk-grace-seconds", "0",
+    ]  # fmt: skip
+    environment = {**os.environ, "NODE_NAME": node}  # as the DaemonSet's downward API sets it
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert f"disks for the pods of node {node} in zone zone-a" in line, line
+        pod = _pod(core, namespace, node, world.image, {USE: "auto"})
+        _eventually(lambda: _event(core, namespace, pod, "ImageCacheDiskReady"), what="a ready event")
+        assert disk_id in _live_disks(world)
+        _delete_pods(core, namespace)
+        _eventually(lambda: disk_id not in _live_disks(world), what="the release (no grace)")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
