@@ -296,6 +296,8 @@ class NodeAgentApp:
             self._matcher.close()
         if self._registry_channel is not None:
             self._registry_channel.close()
+        if self.config.provisioning:
+            self._kube.close()  # type: ignore[no-untyped-call]
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
