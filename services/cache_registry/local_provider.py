@@ -45,17 +45,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -108,14 +110,43 @@ class LocalZone:
     root: Path | None = None  # default: <provider root>/zones/<name>
 
 
+FAULT_DELAYS_ENV = "SNAPCACHE_LOCAL_PROVIDER_FAULT_DELAYS"
+FAULT_STEPS = ("snapshot", "hydrate", "delete")
+
+
+def parse_fault_delays(text: str) -> dict[str, float]:
+    """``snapshot=5,hydrate=2``: seconds to pause in the middle of each step (fault injection)."""
+    delays: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        step, _, seconds = item.partition("=")
+        if step not in FAULT_STEPS:
+            raise ValueError(f"{FAULT_DELAYS_ENV}: unknown step {step!r} (known: {', '.join(FAULT_STEPS)})")
+        try:
+            delays[step] = float(seconds)
+        except ValueError:
+            raise ValueError(f"{FAULT_DELAYS_ENV}: {item!r} is not STEP=SECONDS") from None
+    return delays
+
+
+def _fault_delays_from_env() -> dict[str, float]:
+    return parse_fault_delays(os.environ.get(FAULT_DELAYS_ENV, ""))
+
+
 @dataclass(frozen=True, slots=True)
 class LocalProviderConfig:
-    """Where the local provider keeps its trees, its zones, and how many blobs it pulls at once."""
+    """Where the local provider keeps its trees, its zones, and how many blobs it pulls at once.
+
+    ``fault_delays`` (from ``$SNAPCACHE_LOCAL_PROVIDER_FAULT_DELAYS`` by default) pauses the
+    provider in the middle of a step, with its partial work on disk: fault injection, so a test
+    can kill a registry replica while it snapshots, hydrates a zone or deletes, and check that
+    another replica finishes the work and nothing is left behind. Empty in normal use.
+    """
 
     root: Path
     zones: Sequence[LocalZone]
     pull_concurrency: int = 4
     request_timeout_seconds: float = 30.0
+    fault_delays: dict[str, float] = field(default_factory=_fault_delays_from_env)
 
     def validate(self) -> None:
         """Raise ``ValueError`` on a setting the provider cannot work with."""
@@ -244,8 +275,39 @@ def _blobs(layout: Path) -> list[Path]:
     return sorted(p for p in entries if _HEX.match(p.name))
 
 
+# Temporaries carry their writer: `.tmp-<name>-<host>-<pid>-<random>`. Replicas may share the
+# provider's trees, so garbage collection removes only temporaries whose writer is gone: a process
+# of this host that no longer runs, or (another host's, or an older form) one untouched for an hour.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+TEMPORARY_MAX_AGE_SECONDS = 3600.0
+
+
 def _unique_tmp(parent: Path, name: str) -> Path:
-    return parent / f"{_TMP}{name}-{uuid.uuid4().hex[:8]}"
+    return parent / f"{_TMP}{name}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _abandoned(temporary: Path, *, now: float) -> bool:
+    """Whether nobody is writing ``temporary`` any more (see `_unique_tmp`)."""
+    parts = temporary.name.rsplit("-", 3)
+    if len(parts) == 4 and parts[1] == _HOST and parts[2].isdigit():
+        pid = int(parts[2])
+        if pid == os.getpid():
+            return True  # ours, and the caller holds the exclusive lock: no step of ours is running
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    try:
+        newest = max(
+            (p.stat().st_mtime for p in (temporary, temporary / "blobs" / "sha256") if p.exists()),
+            default=0.0,
+        )
+    except OSError:
+        return False
+    return now - newest > TEMPORARY_MAX_AGE_SECONDS
 
 
 def _remove_tree(path: Path) -> int:
@@ -603,6 +665,11 @@ class LocalProvider:
         self._disk_locks: dict[str, threading.Lock] = {}
         self._zone_locks = {name: threading.Lock() for name in self._zones}
 
+    def _fault(self, step: str) -> None:
+        delay = self.config.fault_delays.get(step)
+        if delay:
+            time.sleep(delay)
+
     def __repr__(self) -> str:
         return f"LocalProvider(root={str(self.root)!r}, zones={sorted(self._zones)})"
 
@@ -735,6 +802,7 @@ class LocalProvider:
                     with contextlib.suppress(FileExistsError):  # another snapshot has it: share the inode
                         os.link(blob, stored)
                     os.link(stored, _blob_dir(temporary) / blob.name)
+                self._fault("snapshot")
                 _write_layout_files(temporary, manifests, {SNAPSHOT_ANNOTATION: snapshot_id}, mode=0o444)
                 temporary.rename(final)
             except BaseException:
@@ -771,6 +839,7 @@ class LocalProvider:
                     if not stored.exists():
                         self._copy_into(blob, stored)
                     os.link(stored, _blob_dir(temporary) / blob.name)
+                self._fault("hydrate")
                 index = _read_index(source)
                 annotations = {**(index.get("annotations") or {}), ZONE_ANNOTATION: zone}
                 _write_layout_files(temporary, index.get("manifests") or [], annotations, mode=0o444)
@@ -805,6 +874,7 @@ class LocalProvider:
         with self._gc_lock.shared():
             for zone_paths in self._zones.values():
                 _discard(zone_paths.snapshots / snapshot_id)
+            self._fault("delete")
             _discard(self._snapshots / snapshot_id)
 
     def provision_disk(self, *, snapshot_id: str, zone: str, disk_id: str) -> DiskInfo:
@@ -881,15 +951,17 @@ class LocalProvider:
         )
 
     def collect_garbage(self) -> int:
-        """Remove temporaries and content-store blobs nothing links to; return bytes freed."""
+        """Remove abandoned temporaries and content-store blobs nothing links to; return bytes freed."""
         freed = 0
         with self._gc_lock.exclusive():
             parents = [self._builders, self._snapshots]
             for zone in self._zones.values():
                 parents += [zone.snapshots, zone.disks, zone.cas]
+            now = time.time()
             for parent in parents:
                 for leftover in parent.glob(_TMP + "*"):
-                    freed += _remove_tree(leftover)
+                    if _abandoned(leftover, now=now):
+                        freed += _remove_tree(leftover)
             for store in [self._cas, *(zone.cas for zone in self._zones.values())]:
                 for blob in self._store_blobs(store):
                     stat = blob.stat()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from services.cache_registry.local_provider import (
+    _HOST,
     REF_NAME_ANNOTATION,
     LocalProvider,
     LocalProviderConfig,
@@ -370,11 +373,24 @@ def test_inventory_and_garbage_collection_leave_nothing_orphaned(
     provider.create_snapshot(disk_id="builder-1", snapshot_id="snap-1")
     provider.hydrate_zone(snapshot_id="snap-1", zone="a")
     provider.provision_disk(snapshot_id="snap-1", zone="a", disk_id="disk-1")
-    # leftovers of crashes: half-made trees and a half-copied blob
-    (provider.root / "snapshots" / ".tmp-snap-2-dead").mkdir()
-    (provider.root / "snapshots" / ".tmp-snap-2-dead" / "junk").write_bytes(b"x" * 100)
-    (provider.root / "zones" / "a" / "cas" / "sha256" / ".tmp-abc-dead").write_bytes(b"y" * 50)
-    (provider.root / "builders" / ".tmp-builder-9-dead").mkdir()
+    # leftovers of crashes: half-made trees and a half-copied blob, written by a process that is
+    # gone; a temporary of a process still running (another replica sharing the trees) stays,
+    # and one of another host (or an older form) stays until it has been untouched for an hour
+    gone = subprocess.Popen(["true"])  # a pid that has exited
+    gone.wait()
+    by_dead = f"{_HOST}-{gone.pid}-00000000"
+    (provider.root / "snapshots" / f".tmp-snap-2-{by_dead}").mkdir()
+    (provider.root / "snapshots" / f".tmp-snap-2-{by_dead}" / "junk").write_bytes(b"x" * 100)
+    (provider.root / "zones" / "a" / "cas" / "sha256" / f".tmp-abc-{by_dead}").write_bytes(b"y" * 50)
+    (provider.root / "builders" / f".tmp-builder-9-{by_dead}").mkdir()
+    running = provider.root / "snapshots" / f".tmp-snap-3-{_HOST}-{os.getppid()}-00000000"
+    running.mkdir()
+    elsewhere = provider.root / "snapshots" / ".tmp-snap-4-otherhst-1234-00000000"
+    elsewhere.mkdir()
+    stale = provider.root / "builders" / ".tmp-builder-5-old"
+    stale.mkdir()
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
     assert provider.inventory() == Inventory(
         builder_disks=frozenset({"builder-1"}),
         snapshots=frozenset({"snap-1"}),
@@ -382,6 +398,9 @@ def test_inventory_and_garbage_collection_leave_nothing_orphaned(
         disks=frozenset({"disk-1"}),
     )
     assert provider.collect_garbage() == 150  # only the temporaries: every blob is still referenced
+    assert running.is_dir() and elsewhere.is_dir() and not stale.exists()
+    running.rmdir()
+    elsewhere.rmdir()
 
     provider.release_builder_disk(disk_id="builder-1")
     provider.delete_snapshot(snapshot_id="snap-1")
