@@ -317,6 +317,7 @@ def test_args_are_accepted_by_the_cli(
     assert parsed.only == component
     if component == "registry":
         assert flag_port(parsed.listen) in ports
+        assert flag_port(parsed.metrics_listen) in ports
         assert parsed.in_cluster is True  # reads the dockerconfigjson Secrets caches name
     elif component == "matcher":
         assert flag_port(parsed.matcher_listen) in ports

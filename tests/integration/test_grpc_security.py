@@ -627,6 +627,13 @@ def test_serve_process_with_tls_and_tokens_end_to_end(
         # and the matcher did answer it, over TLS with the extender's token
         answers = httpx.get(f"http://127.0.0.1:{ports['metrics']}/metrics", timeout=5).text
         assert re.search(r"^snapcache_matcher_answers_total\{.*\} [1-9]", answers, re.MULTILINE), answers
+        # one endpoint for the process: the registry's metrics are there too (the matcher's calls)
+        assert re.search(
+            r'^snapcache_registry_grpc_requests_total\{code="OK",method="CacheRegistryService/ListImageCaches"\} [1-9]',
+            answers,
+            re.MULTILINE,
+        ), answers
+        assert "snapcache_registry_zone_caches" in answers and "snapcache_extender_requests_total" in answers
         with channel_to_port(ports["registry"], tls_client(certs)) as channel:
             with pytest.raises(grpc.RpcError) as caught:
                 api_grpc.CacheRegistryServiceStub(channel).ListImageCaches(

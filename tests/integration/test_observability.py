@@ -1,4 +1,4 @@
-"""Metrics and request logs of the registry and the matcher, scraped and captured as operators would.
+"""Metrics and request logs of the registry, matcher and extender, scraped and captured as operators would.
 
 The registry is the test harness's (real gRPC server, fake provider) with its `RegistryMetrics`
 served by the same `MetricsEndpoint` production uses; the matcher is the real `MatcherApp`
@@ -17,16 +17,23 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cache_registry.provider import BuildFailure
 from services.cache_registry.servicer import SERVICE_NAME, CacheRegistryServicer
+from services.extender.decisions import DecisionCache
+from services.extender.http_app import ExtenderHTTPServer, ExtenderRoutes, serve_in_thread
+from services.extender.matches import MatchAnswer
+from services.extender.metrics import ExtenderMetrics
+from services.extender.scheduling import NoEvents, Scheduling
 from services.matcher.index_sync import SyncSettings
 from services.matcher.server import MatcherApp, MatcherConfig
 from snapcache.access import AccessPolicy, IdentityFile
 from snapcache.grpc_server import RunningServer, ServerSecurity, ServiceBinding, create_server
 from snapcache.metrics_endpoint import MetricsEndpoint
+from snapcache.pod_requests import Mode
 from snapcache.rpc_observer import REQUEST_LOG, REQUEST_LOGGER, RpcMetrics
 from snapcache.v1 import cache_registry_pb2 as api
 from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
@@ -247,3 +254,53 @@ def test_one_log_line_per_call_with_id_code_latency_and_principal_never_a_secret
     everything = caplog.text + "\n".join(json.dumps(line) for line in lines)
     assert PLANTED_TOKEN not in everything
     assert "planted-body" not in everything
+
+
+def test_extender_logs_one_line_per_request_and_times_each_verb(caplog: pytest.LogCaptureFixture) -> None:
+    metrics = ExtenderMetrics(node_cache_synced=lambda: True, node_cache_size=lambda: 0)
+    scheduling = Scheduling(
+        match=lambda query: MatchAnswer.unknown("no matcher in this test"),
+        node_zones=dict,
+        decisions=DecisionCache(ttl_seconds=1),
+        events=NoEvents(),
+        default_mode=Mode.AUTO,
+    )
+    server = ExtenderHTTPServer(
+        ("127.0.0.1", 0),
+        ExtenderRoutes(scheduling=scheduling, metrics=metrics),
+        max_body_bytes=64 * 1024,
+        socket_timeout=5,
+    )
+    thread = serve_in_thread(server)
+    caplog.set_level(logging.DEBUG, logger=REQUEST_LOGGER)
+    pod = {
+        "metadata": {"name": "p", "uid": "u", "annotations": {"secret": PLANTED_TOKEN}},
+        "spec": {"containers": [{"name": "c", "image": "nginx:1.25"}]},
+    }
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with httpx.Client(timeout=5) as client:
+            ok = client.post(
+                f"{base}/prioritize",
+                json={"Pod": pod, "NodeNames": ["n1"]},
+                headers={"X-Request-Id": "sched-1"},
+            )
+            bad = client.post(f"{base}/filter", content=b"{not json")
+            client.get(f"{base}/healthz")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert (ok.status_code, bad.status_code) == (200, 400)
+    REQUEST_LOG.flush()
+    lines = [json.loads(JsonLinesFormatter().format(r)) for r in caplog.records if r.name == REQUEST_LOGGER]
+    prioritize, refused, health = lines
+    assert prioritize["request_id"] == "sched-1" and prioritize["method"] == "POST /prioritize"
+    assert prioritize["code"] == 200 and prioritize["latency_ms"] >= 0 and prioritize["level"] == "INFO"
+    assert refused["code"] == 400 and refused["request_id"] and refused["request_id"] != "sched-1"
+    assert health["method"] == "GET /healthz" and health["level"] == "DEBUG"
+    assert PLANTED_TOKEN not in caplog.text + json.dumps(lines)
+    text = metrics.render().decode()
+    assert value(text, "snapcache_extender_request_duration_seconds_count", verb="prioritize") == 1.0
+    assert value(text, "snapcache_extender_request_duration_seconds_count", verb="filter") == 1.0
+    assert value(text, "snapcache_extender_requests_total", verb="filter", code="400") == 1.0
