@@ -218,9 +218,10 @@ class RequestLog:
         }
         if user:
             fields["principal"] = user
-        record = log.makeRecord(
-            log.name, level, __file__, 0, "%s %s %.3f ms", (method, code, seconds * 1000), None, extra=fields
-        )
+        # The message repeats the fields, for the text format (which shows no `extra` fields).
+        message = "%s %s %s %.3f ms" + (" principal=%s" if user else "")
+        arguments = (fields["request_id"], method, code, seconds * 1000, *((user,) if user else ()))
+        record = log.makeRecord(log.name, level, __file__, 0, message, arguments, None, extra=fields)
         record.created = created
         record.msecs = (created - int(created)) * 1000
         log.handle(record)

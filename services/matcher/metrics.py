@@ -74,17 +74,24 @@ class MatcherMetrics:
             "hit ratio: rate of this over rate of snapcache_matcher_answers_total",
             registry=self.registry,
         )
+        self.saved_bytes = Counter(
+            "snapcache_matcher_saved_bytes",
+            "Compressed bytes of the pods' images held by the caches chosen for them: what those "
+            "pods need not pull once they mount the disk (validate_only previews excluded)",
+            registry=self.registry,
+        )
         self.rpc = RpcMetrics(self.registry, "snapcache_matcher")
         self.hits_reported = Counter(
             "snapcache_matcher_hits_reported", "Match hits accepted by the registry", registry=self.registry
         )
         self._endpoint = MetricsEndpoint(self.registry)
 
-    def answered(self, decision: Decision, action: Action, *, hit: bool) -> None:
-        """Count one answer (and a hit, when it chose a cache for a pod)."""
+    def answered(self, decision: Decision, action: Action, *, hit_bytes: int | None) -> None:
+        """Count one answer (and a hit with the bytes it saves, when it chose a cache for a pod)."""
         self._answers[decision, action].inc()
-        if hit:
+        if hit_bytes is not None:
             self.hits.inc()
+            self.saved_bytes.inc(hit_bytes)
 
     def serve(self, address: str) -> int:
         """Expose /metrics on ``host:port`` (port 0 picks one); return the port."""

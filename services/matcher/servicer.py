@@ -60,11 +60,12 @@ class MatcherServicer(mpb_grpc.MatcherServiceServicer):
             outcome = match(index, match_request, now_ns=now_ns)
         revision, staleness = self._sync.position()
         chosen = outcome.chosen
-        hit = chosen is not None and not request.validate_only
-        if chosen is not None and hit:
+        hit_bytes = None
+        if chosen is not None and not request.validate_only:
             self._hits.record(chosen.entry.name, now_ns)
+            hit_bytes = chosen.coverage.bytes_covered
         response = match_response(outcome, match_request, revision=revision, staleness_seconds=staleness)
-        self._metrics.answered(outcome.decision, outcome.action, hit=hit)
+        self._metrics.answered(outcome.decision, outcome.action, hit_bytes=hit_bytes)
         return response
 
     async def GetIndexStatus(

@@ -182,6 +182,10 @@ def test_matcher_metrics_move_with_decisions_hits_and_errors(harness: Harness, m
     no_match = {"decision": "NO_MATCH", "action": "PULL_IMAGES"}
     assert value(after, "snapcache_matcher_answers_total", **no_match) == 1.0
     assert value(after, "snapcache_matcher_hits_total") - value(before, "snapcache_matcher_hits_total") == 1.0
+    saved = value(after, "snapcache_matcher_saved_bytes_total") - value(
+        before, "snapcache_matcher_saved_bytes_total"
+    )
+    assert saved == 100.0  # the fake provider's compressed size of nginx:1.25
     assert value(after, "snapcache_matcher_grpc_requests_total", method=MATCH, code="OK") == 3.0
     assert value(after, "snapcache_matcher_grpc_requests_total", method=MATCH, code="INVALID_ARGUMENT") == 1.0
     assert value(after, "snapcache_matcher_grpc_request_duration_seconds_count", method=MATCH) == 4.0
@@ -247,6 +251,8 @@ def test_one_log_line_per_call_with_id_code_latency_and_principal_never_a_secret
     assert create_line["code"] == "OK" and create_line["principal"] == "walter"
     assert isinstance(create_line["latency_ms"], float) and create_line["latency_ms"] >= 0
     assert create_line["level"] == "INFO"
+    assert create_line["message"].startswith("req-42 /snapcache.v1.CacheRegistryService/CreateImageCache OK ")
+    assert create_line["message"].endswith(" principal=walter")  # the text format shows it too
     assert missing["code"] == "NOT_FOUND" and missing["principal"] == "walter"
     assert missing["request_id"] and missing["request_id"] != create_line["request_id"]  # made here
     assert unauthenticated["code"] == "UNAUTHENTICATED" and "principal" not in unauthenticated
