@@ -104,12 +104,28 @@ class _MethodStats:
         self.count = 0
 
 
-class RpcMetrics(Collector):
-    """Requests by method and code, and unary latency by method, on a component's registry."""
+class RequestMetrics(Collector):
+    """Requests by one label and code, and latency by that label: integers under one lock.
 
-    def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
-        self._requests = f"{prefix}_grpc_requests"
-        self._latency = f"{prefix}_grpc_request_duration_seconds"
+    prometheus_client's labelled Counter and Histogram cost 0.6 and 1.8 us per call; this costs
+    a few hundred nanoseconds, and is exposed in the same families at scrape time.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        requests: str,
+        requests_help: str,
+        latency: str,
+        latency_help: str,
+        label: str,
+    ) -> None:
+        self._requests = requests
+        self._requests_help = requests_help
+        self._latency = latency
+        self._latency_help = latency_help
+        self._label = label
         self._bounds = list(LATENCY_BUCKETS)
         self._methods: dict[str, _MethodStats] = {}
         self._lock = threading.Lock()
@@ -117,11 +133,11 @@ class RpcMetrics(Collector):
 
     def describe(self) -> Iterator[Metric]:
         """The families, for the registry's name check (before any call was made)."""
-        yield CounterMetricFamily(self._requests, "", labels=["method", "code"])
-        yield HistogramMetricFamily(self._latency, "", labels=["method"])
+        yield CounterMetricFamily(self._requests, "", labels=[self._label, "code"])
+        yield HistogramMetricFamily(self._latency, "", labels=[self._label])
 
     def finished(self, method: str, code: str, seconds: float | None) -> None:
-        """Count one call (and time it, for a unary one)."""
+        """Count one request (and time it, unless ``seconds`` is None: a stream)."""
         with self._lock:
             stats = self._methods.get(method)
             if stats is None:
@@ -139,12 +155,8 @@ class RpcMetrics(Collector):
                 method: (dict(s.codes), list(s.buckets), s.total, s.count)
                 for method, s in self._methods.items()
             }
-        requests = CounterMetricFamily(
-            self._requests, "gRPC calls finished, by method and status code", labels=["method", "code"]
-        )
-        latency = HistogramMetricFamily(
-            self._latency, "Latency of unary gRPC calls in seconds, by method", labels=["method"]
-        )
+        requests = CounterMetricFamily(self._requests, self._requests_help, labels=[self._label, "code"])
+        latency = HistogramMetricFamily(self._latency, self._latency_help, labels=[self._label])
         for method, (codes, buckets, total, count) in sorted(copy.items()):
             for code, value in sorted(codes.items()):
                 requests.add_metric([method, code], value)
@@ -154,6 +166,20 @@ class RpcMetrics(Collector):
                 latency.add_metric([method], list(zip(bounds, cumulative, strict=True)), total)
         yield requests
         yield latency
+
+
+class RpcMetrics(RequestMetrics):
+    """gRPC calls by method and code, and unary latency by method, named ``<prefix>_grpc_*``."""
+
+    def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
+        super().__init__(
+            registry,
+            requests=f"{prefix}_grpc_requests",
+            requests_help="gRPC calls finished, by method and status code",
+            latency=f"{prefix}_grpc_request_duration_seconds",
+            latency_help="Latency of unary gRPC calls in seconds, by method",
+            label="method",
+        )
 
 
 # wall time, level, method, code (gRPC name or HTTP status), seconds, metadata (for the id), user

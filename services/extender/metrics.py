@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from snapcache.rpc_observer import LATENCY_BUCKETS
+from snapcache.rpc_observer import RequestMetrics
 
 
 class _NodeCacheCollector(Collector):
@@ -35,22 +34,15 @@ class ExtenderMetrics:
     def __init__(self, *, node_cache_synced: Callable[[], bool], node_cache_size: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_NodeCacheCollector(node_cache_synced, node_cache_size))
-        requests = Counter(
-            "snapcache_extender_requests",
-            "Requests by verb and HTTP status",
-            ["verb", "code"],
-            registry=self.registry,
+        self._requests = RequestMetrics(
+            self.registry,
+            requests="snapcache_extender_requests",
+            requests_help="Requests by verb and HTTP status",
+            latency="snapcache_extender_request_duration_seconds",
+            latency_help="Seconds taken to answer a scheduler call (the matcher's included), by verb",
+            label="verb",
         )
-        self._requests = requests
-        self._bound: dict[tuple[str, int], Any] = {}
-        latency = Histogram(
-            "snapcache_extender_request_duration_seconds",
-            "Seconds taken to answer a scheduler call (the matcher's included), by verb",
-            ["verb"],
-            registry=self.registry,
-            buckets=LATENCY_BUCKETS,
-        )
-        self._latency = {verb: latency.labels(verb) for verb in ("filter", "prioritize")}
+        self._codes = {code: str(code) for code in (200, 400, 404, 411, 413, 503)}
         fail_open = Counter(
             "snapcache_extender_fail_open",
             "Matcher calls that failed (down, slow, error), answered as if no cache: by gRPC code",
@@ -69,12 +61,7 @@ class ExtenderMetrics:
 
     def request(self, verb: str, code: int, seconds: float | None = None) -> None:
         """Count one HTTP answer (and time it)."""
-        child = self._bound.get((verb, code))
-        if child is None:  # bound once per pair: a label lookup costs more than the increment
-            child = self._bound.setdefault((verb, code), self._requests.labels(verb, str(code)))
-        child.inc()
-        if seconds is not None:
-            self._latency[verb].observe(seconds)
+        self._requests.finished(verb, self._codes.get(code) or str(code), seconds)
 
     def fail_open(self, code: str) -> None:
         """Count one matcher call that failed open."""
