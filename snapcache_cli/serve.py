@@ -45,6 +45,7 @@ from snapcache.access import (
 )
 from snapcache.grpc_server import PLAINTEXT, ServerSecurity
 from snapcache.metrics_endpoint import MetricsEndpoint
+from snapcache.rpc_observer import REQUEST_LOG
 from snapcache.tls import PLAINTEXT_CHANNEL, ClientSecurity, ServerTls
 from snapcache_cli.client import CommandFailed, client_security
 
@@ -677,5 +678,6 @@ def run_serve(args: argparse.Namespace) -> int:
         log.info("%s received; shutting down", name)
     finally:
         stop_all(components)
+        REQUEST_LOG.flush()  # the last calls' lines before "stopped", not after it at exit
     log.info("stopped")
     return 0
