@@ -4,8 +4,8 @@ With `nodeCacheCapable: true` the scheduler sends node names, not Node objects; 
 from here. A full list, then a watch from the list's resourceVersion; a dropped watch resumes
 from the last version seen; a 410 Gone (the version was compacted) relists. Until the first list
 and without Kubernetes access every node is zone-less (score 0, strict pods fail open on nothing:
-they see no usable zone); the `node_cache_synced` metric says so. One of the two modules of this
-wing that import the Kubernetes client (with `pod_events`).
+they see no usable zone); the `node_cache_synced` metric says so. The only module of this wing
+that imports the Kubernetes client (its events on pods go through `snapcache.pod_events`).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ EVENT_NOT_FOUND = "ImageCacheNotFound"
 
 
 class EventSink(Protocol):
-    """Records an event on a pod without blocking (`pod_events`)."""
+    """Records an event on a pod without blocking (`snapcache.pod_events`)."""
 
     def emit(self, pod: PodInfo, *, reason: str, message: str, warning: bool) -> None:
         """Queue one event; drop it rather than wait."""

@@ -20,9 +20,9 @@ from services.extender.http_app import ExtenderHTTPServer, ExtenderRoutes, serve
 from services.extender.matcher_client import MatcherClient
 from services.extender.metrics import ExtenderMetrics
 from services.extender.node_cache import NodeZoneCache
-from services.extender.pod_events import PodEvents
 from services.extender.scheduling import EventSink, NoEvents, Scheduling
 from snapcache.kube_clients import kube_api_client
+from snapcache.pod_events import PodEvents
 from snapcache.pod_requests import parse_default_mode
 from snapcache.tls import PLAINTEXT_CHANNEL, ClientSecurity, ServerTls, SSLContextFiles
 
@@ -94,7 +94,11 @@ class ExtenderApp:
         events: EventSink = NoEvents()
         if api_client is not None:
             self.pod_events = PodEvents(
-                api_client, on_sent=self.metrics.events_sent.inc, on_dropped=self.metrics.events_dropped.inc
+                api_client,
+                component="snapcache-extender",
+                thread_name="extender-pod-events",
+                on_sent=self.metrics.events_sent.inc,
+                on_dropped=self.metrics.events_dropped.inc,
             )
             events = self.pod_events
         self.matcher = MatcherClient(

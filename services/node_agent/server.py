@@ -28,7 +28,7 @@ from services.node_agent.disk_catalogue import DiskCatalogue
 from services.node_agent.disk_keeper import DiskKeeper
 from services.node_agent.hosts_toml import hosts_files
 from services.node_agent.http_app import Mirror, MirrorHTTPServer, serve_in_thread
-from services.node_agent.kube_pods import NodePods, PodEvents, node_zone
+from services.node_agent.kube_pods import NodePods, node_zone
 from services.node_agent.matcher_lookup import MatcherLookup
 from services.node_agent.metrics import NodeAgentMetrics
 from services.node_agent.pod_disks import PodDisks
@@ -36,6 +36,7 @@ from services.node_agent.registry_disks import RegistryDisks
 from services.node_agent.upstream import Upstream
 from snapcache.images import DEFAULT_REGISTRY
 from snapcache.kube_clients import kube_api_client
+from snapcache.pod_events import PodEvents
 from snapcache.pod_requests import parse_default_mode
 from snapcache.tls import PLAINTEXT_CHANNEL, ClientSecurity, open_channel
 
@@ -195,7 +196,12 @@ class NodeAgentApp:
             security=config.client_security,
             timeout_seconds=config.matcher_timeout_seconds,
         )
-        self.events = PodEvents(self._kube, on_dropped=self.metrics.events_dropped.inc)
+        self.events = PodEvents(
+            self._kube,
+            component="snapcache-node-agent",
+            thread_name="node-agent-pod-events",
+            on_dropped=self.metrics.events_dropped.inc,
+        )
         self.pod_disks = PodDisks(
             keeper=self.keeper,
             matcher=self._matcher,

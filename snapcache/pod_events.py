@@ -1,9 +1,10 @@
-"""Kubernetes Events on the pod (ImageCacheMatched / Missed / NotFound), off the request path.
+"""Kubernetes Events on pods, off the request path: the extender's and the node agent's.
 
 `emit` only puts on a bounded queue and returns: a slow or unreachable API server must never
-delay a scheduling answer, so a full queue drops the event (counted). Events are de-duplicated per
-pod and reason (a pod retried over many scheduling cycles gets one event, not one per cycle).
-One of the two modules of this wing that import the Kubernetes client (with `node_cache`).
+delay a scheduling answer or a disk's provisioning, so a full queue drops the event (counted).
+Events are de-duplicated per pod and reason (a pod retried over many scheduling cycles gets one
+event, not one per cycle). Each wing passes the API client its own Kubernetes module built, and
+its component name, which the event's source shows.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import urllib3
 from kubernetes import client as kube_client
 from kubernetes.client.exceptions import ApiException
 
 from snapcache.pod_requests import PodInfo
 
 log = logging.getLogger(__name__)
-
-COMPONENT = "snapcache-extender"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +42,16 @@ class PodEvents:
         self,
         api_client: kube_client.ApiClient,
         *,
+        component: str,
+        thread_name: str = "pod-events",
         max_queued: int = 1000,
         remember: int = 10_000,
         on_sent: Callable[[], None] = lambda: None,
         on_dropped: Callable[[], None] = lambda: None,
     ) -> None:
         self._core = kube_client.CoreV1Api(api_client)
+        self._component = component
+        self._thread_name = thread_name
         self._queue: queue.Queue[_Event | None] = queue.Queue(maxsize=max_queued)
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._remember = remember
@@ -74,7 +78,7 @@ class PodEvents:
 
     def start(self) -> None:
         """Start the writer thread."""
-        self._thread = threading.Thread(target=self._run, name="extender-pod-events", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -92,7 +96,7 @@ class PodEvents:
             try:
                 self._write(event)
                 self._on_sent()
-            except (ApiException, OSError, ValueError) as exc:
+            except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
                 self._on_dropped()
                 log.warning(
                     "cannot write event %s on pod %s/%s: %s",
@@ -116,7 +120,7 @@ class PodEvents:
             reason=event.reason,
             message=event.message[:1024],
             type="Warning" if event.warning else "Normal",
-            source=kube_client.V1EventSource(component=COMPONENT),
+            source=kube_client.V1EventSource(component=self._component),
             first_timestamp=now,
             last_timestamp=now,
             count=1,
