@@ -307,6 +307,8 @@ class CachedImage(_message.Message):
     COMPRESSED_BYTES_FIELD_NUMBER: _builtins.int
     UNCOMPRESSED_BYTES_FIELD_NUMBER: _builtins.int
     LAYER_COUNT_FIELD_NUMBER: _builtins.int
+    REQUIRES_CREDENTIALS_FIELD_NUMBER: _builtins.int
+    AUTHORIZED_BY_FIELD_NUMBER: _builtins.int
     image: _builtins.str
     """The image as given in `images`."""
     normalized_image: _builtins.str
@@ -323,6 +325,23 @@ class CachedImage(_message.Message):
     """Bytes of config and layers once unpacked."""
     layer_count: _builtins.int
     """Number of layers."""
+    requires_credentials: _builtins.bool
+    """True when the image's registry refused an anonymous request for its manifest at build time
+    (HTTP 401 or 403, or a token service that would not serve anonymous pulls), or when it
+    could not be asked: the image is private, and a matcher gives it from this cache only to
+    pods allowed to use every credential in `authorized_by` (docs/security.md). False when the
+    image was pulled without credentials or the registry serves it anonymously: public.
+    Caches built before the registry recorded this read as true if they name any credentials.
+    Output only.
+    """
+    @_builtins.property
+    def authorized_by(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegistryCredentialRef]:
+        """The credential references that authorized the pull when `requires_credentials` is true: the
+        one whose credentials were used for the image's registry host, or, for caches built before
+        the registry recorded it, every credential reference the cache names (a pod must be allowed
+        to use them all). Empty for public images. Output only.
+        """
+
     def __init__(
         self,
         *,
@@ -334,10 +353,12 @@ class CachedImage(_message.Message):
         compressed_bytes: _builtins.int = ...,
         uncompressed_bytes: _builtins.int = ...,
         layer_count: _builtins.int = ...,
+        requires_credentials: _builtins.bool = ...,
+        authorized_by: _abc.Iterable[Global___RegistryCredentialRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compressed_bytes", b"compressed_bytes", "image", b"image", "index_digest", b"index_digest", "layer_count", b"layer_count", "manifest_digest", b"manifest_digest", "normalized_image", b"normalized_image", "platform", b"platform", "uncompressed_bytes", b"uncompressed_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorized_by", b"authorized_by", "compressed_bytes", b"compressed_bytes", "image", b"image", "index_digest", b"index_digest", "layer_count", b"layer_count", "manifest_digest", b"manifest_digest", "normalized_image", b"normalized_image", "platform", b"platform", "requires_credentials", b"requires_credentials", "uncompressed_bytes", b"uncompressed_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

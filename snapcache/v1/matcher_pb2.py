@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from snapcache.v1 import image_cache_pb2 as snapcache_dot_v1_dot_image__cache__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asnapcache/v1/matcher.proto\x12\x0csnapcache.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1esnapcache/v1/image_cache.proto\"\xeb\x01\n\x17MatchImageCachesRequest\x12\x0e\n\x06images\x18\x01 \x03(\t\x12\x13\n\x0bimage_cache\x18\x02 \x01(\t\x12)\n\x06policy\x18\x03 \x01(\x0e\x32\x19.snapcache.v1.MatchPolicy\x12\x1a\n\x12min_images_covered\x18\x04 \x01(\x05\x12\x0e\n\x06strict\x18\x05 \x01(\x08\x12\r\n\x05zones\x18\x06 \x03(\t\x12\x16\n\x0emax_candidates\x18\x07 \x01(\x05\x12\x16\n\x0emax_rejections\x18\x08 \x01(\x05\x12\x15\n\rvalidate_only\x18\t \x01(\x08\"\x97\x05\n\x18MatchImageCachesResponse\x12\x41\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32/.snapcache.v1.MatchImageCachesResponse.Decision\x12=\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32-.snapcache.v1.MatchImageCachesResponse.Action\x12\x13\n\x0bimage_cache\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x30\n\ncandidates\x18\x05 \x03(\x0b\x32\x1c.snapcache.v1.MatchCandidate\x12+\n\nrejections\x18\x06 \x03(\x0b\x32\x17.snapcache.v1.Rejection\x12\x1c\n\x14rejections_truncated\x18\x07 \x01(\x08\x12\x19\n\x11normalized_images\x18\x08 \x03(\t\x12\x16\n\x0eindex_revision\x18\t \x01(\x03\x12\x32\n\x0findex_staleness\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa0\x01\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x0b\n\x07MATCHED\x10\x01\x12\x0c\n\x08NO_MATCH\x10\x02\x12\x14\n\x10MANUAL_NOT_FOUND\x10\x03\x12\x14\n\x10MANUAL_NOT_READY\x10\x04\x12\x18\n\x14MANUAL_NOT_AVAILABLE\x10\x05\x12\x19\n\x15MANUAL_TOO_FEW_IMAGES\x10\x06\"L\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\r\n\tUSE_CACHE\x10\x01\x12\x0f\n\x0bPULL_IMAGES\x10\x02\x12\n\n\x06REJECT\x10\x03\"\xf0\x01\n\x0eMatchCandidate\x12\x13\n\x0bimage_cache\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\'\n\x08rank_key\x18\x04 \x01(\x0b\x32\x15.snapcache.v1.RankKey\x12\x32\n\x0e\x63overed_images\x18\x05 \x03(\x0b\x32\x1a.snapcache.v1.CoveredImage\x12\x16\n\x0emissing_images\x18\x06 \x03(\t\x12\x17\n\x0f\x61vailable_zones\x18\x07 \x03(\t\x12\x17\n\x0fhydrating_zones\x18\x08 \x03(\t\"\x81\x01\n\x07RankKey\x12\x16\n\x0eimages_covered\x18\x01 \x01(\x05\x12\x15\n\rbytes_covered\x18\x02 \x01(\x03\x12\x16\n\x0e\x63\x61\x63he_size_gib\x18\x03 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x92\x02\n\x0c\x43overedImage\x12\r\n\x05image\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61\x63hed_image\x18\x02 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x03 \x01(\t\x12\x18\n\x10\x63ompressed_bytes\x18\x04 \x01(\x03\x12\x1a\n\x12uncompressed_bytes\x18\x05 \x01(\x03\x12\x38\n\nmatched_by\x18\x06 \x01(\x0e\x32$.snapcache.v1.CoveredImage.MatchedBy\x12\x16\n\x0epossibly_stale\x18\x07 \x01(\x08\"<\n\tMatchedBy\x12\x1a\n\x16MATCHED_BY_UNSPECIFIED\x10\x00\x12\x07\n\x03TAG\x10\x01\x12\n\n\x06\x44IGEST\x10\x02\"\xdc\x02\n\tRejection\x12\x13\n\x0bimage_cache\x18\x01 \x01(\t\x12.\n\x06reason\x18\x02 \x01(\x0e\x32\x1e.snapcache.v1.Rejection.Reason\x12\x0f\n\x07message\x18\x03 \x01(\t\x12-\n\x05state\x18\x04 \x01(\x0e\x32\x1e.snapcache.v1.ImageCache.State\x12\x16\n\x0emissing_images\x18\x05 \x03(\t\x12\x16\n\x0eimages_covered\x18\x06 \x01(\x05\x12\x17\n\x0fhydrating_zones\x18\x07 \x03(\t\"\x80\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\r\n\tNOT_READY\x10\x01\x12\x0b\n\x07\x45XPIRED\x10\x02\x12\x12\n\x0eMISSING_IMAGES\x10\x03\x12\x12\n\x0eTOO_FEW_IMAGES\x10\x04\x12\x1a\n\x16NOT_AVAILABLE_IN_ZONES\x10\x05\"\x17\n\x15GetIndexStatusRequest\"\xf6\x01\n\x0bIndexStatus\x12\x0e\n\x06loaded\x18\x01 \x01(\x08\x12\x0c\n\x04live\x18\x02 \x01(\x08\x12\x13\n\x0b\x63\x61\x63he_count\x18\x03 \x01(\x05\x12\x13\n\x0bready_count\x18\x04 \x01(\x05\x12\x10\n\x08revision\x18\x05 \x01(\x03\x12,\n\tstaleness\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x37\n\x13last_full_sync_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nfull_syncs\x18\x08 \x01(\x05\x12\x12\n\nlast_error\x18\t \x01(\t*]\n\x0bMatchPolicy\x12\x1c\n\x18MATCH_POLICY_UNSPECIFIED\x10\x00\x12\t\n\x05\x45XACT\x10\x01\x12\x11\n\rBYTES_COVERED\x10\x02\x12\x12\n\x0eIMAGES_COVERED\x10\x03\x32\xc5\x01\n\x0eMatcherService\x12\x61\n\x10MatchImageCaches\x12%.snapcache.v1.MatchImageCachesRequest\x1a&.snapcache.v1.MatchImageCachesResponse\x12P\n\x0eGetIndexStatus\x12#.snapcache.v1.GetIndexStatusRequest\x1a\x19.snapcache.v1.IndexStatusB+Z)snapcache.io/api/snapcache/v1;snapcachev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asnapcache/v1/matcher.proto\x12\x0csnapcache.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1esnapcache/v1/image_cache.proto\"\x9a\x02\n\x17MatchImageCachesRequest\x12\x0e\n\x06images\x18\x01 \x03(\t\x12\x13\n\x0bimage_cache\x18\x02 \x01(\t\x12)\n\x06policy\x18\x03 \x01(\x0e\x32\x19.snapcache.v1.MatchPolicy\x12\x1a\n\x12min_images_covered\x18\x04 \x01(\x05\x12\x0e\n\x06strict\x18\x05 \x01(\x08\x12\r\n\x05zones\x18\x06 \x03(\t\x12\x16\n\x0emax_candidates\x18\x07 \x01(\x05\x12\x16\n\x0emax_rejections\x18\x08 \x01(\x05\x12\x15\n\rvalidate_only\x18\t \x01(\x08\x12\x11\n\tnamespace\x18\n \x01(\t\x12\x1a\n\x12image_pull_secrets\x18\x0b \x03(\t\"\xb2\x05\n\x18MatchImageCachesResponse\x12\x41\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32/.snapcache.v1.MatchImageCachesResponse.Decision\x12=\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32-.snapcache.v1.MatchImageCachesResponse.Action\x12\x13\n\x0bimage_cache\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x30\n\ncandidates\x18\x05 \x03(\x0b\x32\x1c.snapcache.v1.MatchCandidate\x12+\n\nrejections\x18\x06 \x03(\x0b\x32\x17.snapcache.v1.Rejection\x12\x1c\n\x14rejections_truncated\x18\x07 \x01(\x08\x12\x19\n\x11normalized_images\x18\x08 \x03(\t\x12\x16\n\x0eindex_revision\x18\t \x01(\x03\x12\x32\n\x0findex_staleness\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\"\xbb\x01\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x0b\n\x07MATCHED\x10\x01\x12\x0c\n\x08NO_MATCH\x10\x02\x12\x14\n\x10MANUAL_NOT_FOUND\x10\x03\x12\x14\n\x10MANUAL_NOT_READY\x10\x04\x12\x18\n\x14MANUAL_NOT_AVAILABLE\x10\x05\x12\x19\n\x15MANUAL_TOO_FEW_IMAGES\x10\x06\x12\x19\n\x15MANUAL_NOT_AUTHORIZED\x10\x07\"L\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\r\n\tUSE_CACHE\x10\x01\x12\x0f\n\x0bPULL_IMAGES\x10\x02\x12\n\n\x06REJECT\x10\x03\"\xf0\x01\n\x0eMatchCandidate\x12\x13\n\x0bimage_cache\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\'\n\x08rank_key\x18\x04 \x01(\x0b\x32\x15.snapcache.v1.RankKey\x12\x32\n\x0e\x63overed_images\x18\x05 \x03(\x0b\x32\x1a.snapcache.v1.CoveredImage\x12\x16\n\x0emissing_images\x18\x06 \x03(\t\x12\x17\n\x0f\x61vailable_zones\x18\x07 \x03(\t\x12\x17\n\x0fhydrating_zones\x18\x08 \x03(\t\"\x81\x01\n\x07RankKey\x12\x16\n\x0eimages_covered\x18\x01 \x01(\x05\x12\x15\n\rbytes_covered\x18\x02 \x01(\x03\x12\x16\n\x0e\x63\x61\x63he_size_gib\x18\x03 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x92\x02\n\x0c\x43overedImage\x12\r\n\x05image\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61\x63hed_image\x18\x02 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x03 \x01(\t\x12\x18\n\x10\x63ompressed_bytes\x18\x04 \x01(\x03\x12\x1a\n\x12uncompressed_bytes\x18\x05 \x01(\x03\x12\x38\n\nmatched_by\x18\x06 \x01(\x0e\x32$.snapcache.v1.CoveredImage.MatchedBy\x12\x16\n\x0epossibly_stale\x18\x07 \x01(\x08\"<\n\tMatchedBy\x12\x1a\n\x16MATCHED_BY_UNSPECIFIED\x10\x00\x12\x07\n\x03TAG\x10\x01\x12\n\n\x06\x44IGEST\x10\x02\"\xf0\x02\n\tRejection\x12\x13\n\x0bimage_cache\x18\x01 \x01(\t\x12.\n\x06reason\x18\x02 \x01(\x0e\x32\x1e.snapcache.v1.Rejection.Reason\x12\x0f\n\x07message\x18\x03 \x01(\t\x12-\n\x05state\x18\x04 \x01(\x0e\x32\x1e.snapcache.v1.ImageCache.State\x12\x16\n\x0emissing_images\x18\x05 \x03(\t\x12\x16\n\x0eimages_covered\x18\x06 \x01(\x05\x12\x17\n\x0fhydrating_zones\x18\x07 \x03(\t\"\x94\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\r\n\tNOT_READY\x10\x01\x12\x0b\n\x07\x45XPIRED\x10\x02\x12\x12\n\x0eMISSING_IMAGES\x10\x03\x12\x12\n\x0eTOO_FEW_IMAGES\x10\x04\x12\x1a\n\x16NOT_AVAILABLE_IN_ZONES\x10\x05\x12\x12\n\x0eNOT_AUTHORIZED\x10\x06\"\x17\n\x15GetIndexStatusRequest\"\xf6\x01\n\x0bIndexStatus\x12\x0e\n\x06loaded\x18\x01 \x01(\x08\x12\x0c\n\x04live\x18\x02 \x01(\x08\x12\x13\n\x0b\x63\x61\x63he_count\x18\x03 \x01(\x05\x12\x13\n\x0bready_count\x18\x04 \x01(\x05\x12\x10\n\x08revision\x18\x05 \x01(\x03\x12,\n\tstaleness\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x37\n\x13last_full_sync_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nfull_syncs\x18\x08 \x01(\x05\x12\x12\n\nlast_error\x18\t \x01(\t*]\n\x0bMatchPolicy\x12\x1c\n\x18MATCH_POLICY_UNSPECIFIED\x10\x00\x12\t\n\x05\x45XACT\x10\x01\x12\x11\n\rBYTES_COVERED\x10\x02\x12\x12\n\x0eIMAGES_COVERED\x10\x03\x32\xc5\x01\n\x0eMatcherService\x12\x61\n\x10MatchImageCaches\x12%.snapcache.v1.MatchImageCachesRequest\x1a&.snapcache.v1.MatchImageCachesResponse\x12P\n\x0eGetIndexStatus\x12#.snapcache.v1.GetIndexStatusRequest\x1a\x19.snapcache.v1.IndexStatusB+Z)snapcache.io/api/snapcache/v1;snapcachev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,32 +35,32 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'snapcache.v1.matcher_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z)snapcache.io/api/snapcache/v1;snapcachev1'
-  _globals['_MATCHPOLICY']._serialized_start=2322
-  _globals['_MATCHPOLICY']._serialized_end=2415
+  _globals['_MATCHPOLICY']._serialized_start=2416
+  _globals['_MATCHPOLICY']._serialized_end=2509
   _globals['_MATCHIMAGECACHESREQUEST']._serialized_start=142
-  _globals['_MATCHIMAGECACHESREQUEST']._serialized_end=377
-  _globals['_MATCHIMAGECACHESRESPONSE']._serialized_start=380
-  _globals['_MATCHIMAGECACHESRESPONSE']._serialized_end=1043
-  _globals['_MATCHIMAGECACHESRESPONSE_DECISION']._serialized_start=805
-  _globals['_MATCHIMAGECACHESRESPONSE_DECISION']._serialized_end=965
-  _globals['_MATCHIMAGECACHESRESPONSE_ACTION']._serialized_start=967
-  _globals['_MATCHIMAGECACHESRESPONSE_ACTION']._serialized_end=1043
-  _globals['_MATCHCANDIDATE']._serialized_start=1046
-  _globals['_MATCHCANDIDATE']._serialized_end=1286
-  _globals['_RANKKEY']._serialized_start=1289
-  _globals['_RANKKEY']._serialized_end=1418
-  _globals['_COVEREDIMAGE']._serialized_start=1421
-  _globals['_COVEREDIMAGE']._serialized_end=1695
-  _globals['_COVEREDIMAGE_MATCHEDBY']._serialized_start=1635
-  _globals['_COVEREDIMAGE_MATCHEDBY']._serialized_end=1695
-  _globals['_REJECTION']._serialized_start=1698
-  _globals['_REJECTION']._serialized_end=2046
-  _globals['_REJECTION_REASON']._serialized_start=1918
-  _globals['_REJECTION_REASON']._serialized_end=2046
-  _globals['_GETINDEXSTATUSREQUEST']._serialized_start=2048
-  _globals['_GETINDEXSTATUSREQUEST']._serialized_end=2071
-  _globals['_INDEXSTATUS']._serialized_start=2074
-  _globals['_INDEXSTATUS']._serialized_end=2320
-  _globals['_MATCHERSERVICE']._serialized_start=2418
-  _globals['_MATCHERSERVICE']._serialized_end=2615
+  _globals['_MATCHIMAGECACHESREQUEST']._serialized_end=424
+  _globals['_MATCHIMAGECACHESRESPONSE']._serialized_start=427
+  _globals['_MATCHIMAGECACHESRESPONSE']._serialized_end=1117
+  _globals['_MATCHIMAGECACHESRESPONSE_DECISION']._serialized_start=852
+  _globals['_MATCHIMAGECACHESRESPONSE_DECISION']._serialized_end=1039
+  _globals['_MATCHIMAGECACHESRESPONSE_ACTION']._serialized_start=1041
+  _globals['_MATCHIMAGECACHESRESPONSE_ACTION']._serialized_end=1117
+  _globals['_MATCHCANDIDATE']._serialized_start=1120
+  _globals['_MATCHCANDIDATE']._serialized_end=1360
+  _globals['_RANKKEY']._serialized_start=1363
+  _globals['_RANKKEY']._serialized_end=1492
+  _globals['_COVEREDIMAGE']._serialized_start=1495
+  _globals['_COVEREDIMAGE']._serialized_end=1769
+  _globals['_COVEREDIMAGE_MATCHEDBY']._serialized_start=1709
+  _globals['_COVEREDIMAGE_MATCHEDBY']._serialized_end=1769
+  _globals['_REJECTION']._serialized_start=1772
+  _globals['_REJECTION']._serialized_end=2140
+  _globals['_REJECTION_REASON']._serialized_start=1992
+  _globals['_REJECTION_REASON']._serialized_end=2140
+  _globals['_GETINDEXSTATUSREQUEST']._serialized_start=2142
+  _globals['_GETINDEXSTATUSREQUEST']._serialized_end=2165
+  _globals['_INDEXSTATUS']._serialized_start=2168
+  _globals['_INDEXSTATUS']._serialized_end=2414
+  _globals['_MATCHERSERVICE']._serialized_start=2512
+  _globals['_MATCHERSERVICE']._serialized_end=2709
 # @@protoc_insertion_point(module_scope)

@@ -77,6 +77,8 @@ class MatchImageCachesRequest(_message.Message):
     MAX_CANDIDATES_FIELD_NUMBER: _builtins.int
     MAX_REJECTIONS_FIELD_NUMBER: _builtins.int
     VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    IMAGE_PULL_SECRETS_FIELD_NUMBER: _builtins.int
     image_cache: _builtins.str
     """Manual match: the cache to use, `imc-xxxxxxxx` or `imageCaches/imc-xxxxxxxx` (the pod
     annotation). Empty for automatic matching.
@@ -100,6 +102,14 @@ class MatchImageCachesRequest(_message.Message):
     """Preview only: answer as usual but do not count a hit on the chosen cache
     (`match_count` / `last_matched_time` stay as they are).
     """
+    namespace: _builtins.str
+    """The pod's namespace (`metadata.namespace`), a DNS label. Together with
+    `image_pull_secrets` it says which registry credentials the pod may use: a cached image
+    whose registry requires credentials (`CachedImage.requires_credentials`) covers the pod's
+    image only if every Secret that authorized its pull is in this namespace and named in
+    `image_pull_secrets` (docs/security.md). Empty: a caller that does not know the pod; only
+    public images are matched for it.
+    """
     @_builtins.property
     def images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The pod's container images (init, regular and ephemeral containers) as written in its spec.
@@ -110,6 +120,13 @@ class MatchImageCachesRequest(_message.Message):
     def zones(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Zones the pod may run in (`topology.kubernetes.io/zone`). A cache qualifies only if its
         snapshot is AVAILABLE in at least one of them. Empty: any zone.
+        """
+
+    @_builtins.property
+    def image_pull_secrets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of the Secrets in the pod's `spec.imagePullSecrets` (the ServiceAccount admission
+        plugin adds those of the pod's ServiceAccount there), in `namespace`. At most 64 entries,
+        each a DNS subdomain name; requires `namespace`.
         """
 
     def __init__(
@@ -124,10 +141,12 @@ class MatchImageCachesRequest(_message.Message):
         max_candidates: _builtins.int = ...,
         max_rejections: _builtins.int = ...,
         validate_only: _builtins.bool = ...,
+        namespace: _builtins.str = ...,
+        image_pull_secrets: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_cache", b"image_cache", "images", b"images", "max_candidates", b"max_candidates", "max_rejections", b"max_rejections", "min_images_covered", b"min_images_covered", "policy", b"policy", "strict", b"strict", "validate_only", b"validate_only", "zones", b"zones"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_cache", b"image_cache", "image_pull_secrets", b"image_pull_secrets", "images", b"images", "max_candidates", b"max_candidates", "max_rejections", b"max_rejections", "min_images_covered", b"min_images_covered", "namespace", b"namespace", "policy", b"policy", "strict", b"strict", "validate_only", b"validate_only", "zones", b"zones"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -161,6 +180,11 @@ class MatchImageCachesResponse(_message.Message):
         """
         MANUAL_TOO_FEW_IMAGES: MatchImageCachesResponse._Decision.ValueType  # 6
         """The manual cache covers fewer of the pod's images than `min_images_covered`."""
+        MANUAL_NOT_AUTHORIZED: MatchImageCachesResponse._Decision.ValueType  # 7
+        """The manual cache holds one of the pod's images from a registry that requires credentials
+        the pod may not use (its namespace and `image_pull_secrets` do not include every Secret
+        that authorized the pull).
+        """
 
     class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
         """What the matcher concluded."""
@@ -181,6 +205,11 @@ class MatchImageCachesResponse(_message.Message):
     """
     MANUAL_TOO_FEW_IMAGES: MatchImageCachesResponse.Decision.ValueType  # 6
     """The manual cache covers fewer of the pod's images than `min_images_covered`."""
+    MANUAL_NOT_AUTHORIZED: MatchImageCachesResponse.Decision.ValueType  # 7
+    """The manual cache holds one of the pod's images from a registry that requires credentials
+    the pod may not use (its namespace and `image_pull_secrets` do not include every Secret
+    that authorized the pull).
+    """
 
     class _Action:
         ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -466,6 +495,12 @@ class Rejection(_message.Message):
         """The cache covers fewer of the pod's images than `min_images_covered`."""
         NOT_AVAILABLE_IN_ZONES: Rejection._Reason.ValueType  # 5
         """The snapshot is not AVAILABLE in any wanted zone (or in any zone at all)."""
+        NOT_AUTHORIZED: Rejection._Reason.ValueType  # 6
+        """The cache holds one of the pod's images from a registry that requires credentials, and
+        the pod may not use those that authorized the pull: using the cache would bypass the
+        registry's authorization. The message names the Secret only when it is in the pod's own
+        namespace; Secrets of other namespaces are never named.
+        """
 
     class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper):
         """Why a cache did not qualify."""
@@ -482,6 +517,12 @@ class Rejection(_message.Message):
     """The cache covers fewer of the pod's images than `min_images_covered`."""
     NOT_AVAILABLE_IN_ZONES: Rejection.Reason.ValueType  # 5
     """The snapshot is not AVAILABLE in any wanted zone (or in any zone at all)."""
+    NOT_AUTHORIZED: Rejection.Reason.ValueType  # 6
+    """The cache holds one of the pod's images from a registry that requires credentials, and
+    the pod may not use those that authorized the pull: using the cache would bypass the
+    registry's authorization. The message names the Secret only when it is in the pod's own
+    namespace; Secrets of other namespaces are never named.
+    """
 
     IMAGE_CACHE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int

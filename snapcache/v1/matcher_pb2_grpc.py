@@ -60,8 +60,11 @@ class MatcherServiceServicer:
         (TKE GetMostSuitableImageCache): set `validate_only` to answer without recording a hit.
         A manual cache id that does not exist or cannot be used is an answer (decision
         MANUAL_NOT_FOUND / MANUAL_NOT_READY / ...), not an error, so a caller can fall back to pulling.
+        A cache is never given for a private image the pod may not pull itself (`namespace`,
+        `image_pull_secrets`; docs/security.md): rejection NOT_AUTHORIZED, MANUAL_NOT_AUTHORIZED.
         Errors: INVALID_ARGUMENT (no images, more than 64, a malformed image reference, a malformed
-        cache id, an unknown policy, negative limits; BadRequest names each field),
+        cache id, an unknown policy, negative limits, a malformed namespace or pull secret name;
+        BadRequest names each field),
         UNAVAILABLE (the index has not been loaded from the registry yet; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

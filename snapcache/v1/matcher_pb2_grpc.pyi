@@ -41,8 +41,11 @@ class MatcherServiceStub:
     (TKE GetMostSuitableImageCache): set `validate_only` to answer without recording a hit.
     A manual cache id that does not exist or cannot be used is an answer (decision
     MANUAL_NOT_FOUND / MANUAL_NOT_READY / ...), not an error, so a caller can fall back to pulling.
+    A cache is never given for a private image the pod may not pull itself (`namespace`,
+    `image_pull_secrets`; docs/security.md): rejection NOT_AUTHORIZED, MANUAL_NOT_AUTHORIZED.
     Errors: INVALID_ARGUMENT (no images, more than 64, a malformed image reference, a malformed
-    cache id, an unknown policy, negative limits; BadRequest names each field),
+    cache id, an unknown policy, negative limits, a malformed namespace or pull secret name;
+    BadRequest names each field),
     UNAVAILABLE (the index has not been loaded from the registry yet; retry).
     """
     GetIndexStatus: _grpc.UnaryUnaryMultiCallable[_matcher_pb2.GetIndexStatusRequest, _matcher_pb2.IndexStatus]
@@ -63,8 +66,11 @@ class MatcherServiceAsyncStub(MatcherServiceStub):
     (TKE GetMostSuitableImageCache): set `validate_only` to answer without recording a hit.
     A manual cache id that does not exist or cannot be used is an answer (decision
     MANUAL_NOT_FOUND / MANUAL_NOT_READY / ...), not an error, so a caller can fall back to pulling.
+    A cache is never given for a private image the pod may not pull itself (`namespace`,
+    `image_pull_secrets`; docs/security.md): rejection NOT_AUTHORIZED, MANUAL_NOT_AUTHORIZED.
     Errors: INVALID_ARGUMENT (no images, more than 64, a malformed image reference, a malformed
-    cache id, an unknown policy, negative limits; BadRequest names each field),
+    cache id, an unknown policy, negative limits, a malformed namespace or pull secret name;
+    BadRequest names each field),
     UNAVAILABLE (the index has not been loaded from the registry yet; retry).
     """
     GetIndexStatus: _aio.UnaryUnaryMultiCallable[_matcher_pb2.GetIndexStatusRequest, _matcher_pb2.IndexStatus]  # type: ignore[assignment]
@@ -88,8 +94,11 @@ class MatcherServiceServicer(metaclass=_abc_1.ABCMeta):
         (TKE GetMostSuitableImageCache): set `validate_only` to answer without recording a hit.
         A manual cache id that does not exist or cannot be used is an answer (decision
         MANUAL_NOT_FOUND / MANUAL_NOT_READY / ...), not an error, so a caller can fall back to pulling.
+        A cache is never given for a private image the pod may not pull itself (`namespace`,
+        `image_pull_secrets`; docs/security.md): rejection NOT_AUTHORIZED, MANUAL_NOT_AUTHORIZED.
         Errors: INVALID_ARGUMENT (no images, more than 64, a malformed image reference, a malformed
-        cache id, an unknown policy, negative limits; BadRequest names each field),
+        cache id, an unknown policy, negative limits, a malformed namespace or pull secret name;
+        BadRequest names each field),
         UNAVAILABLE (the index has not been loaded from the registry yet; retry).
         """
 
