@@ -11,7 +11,8 @@ this module needs no Kubernetes client; without one, a Secret reference fails th
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from services.cache_registry.credentials import DockerConfigError, load_docker_config
@@ -19,6 +20,7 @@ from services.cache_registry.model import CredentialRef
 from services.cache_registry.provider import BuildFailure, RegistryCredential
 
 KUBECONFIG_ENV = "SNAPCACHE_KUBECONFIG"
+CredentialResolver = Callable[[Sequence[CredentialRef]], Mapping[str, RegistryCredential]]
 IN_CLUSTER_ENV = "SNAPCACHE_KUBE_IN_CLUSTER"
 
 
@@ -67,3 +69,27 @@ class CredentialRefResolver:
 def resolve_local_credentials(refs: Sequence[CredentialRef]) -> Mapping[str, RegistryCredential]:
     """Credentials for a build without Kubernetes access: docker config files only."""
     return CredentialRefResolver()(refs)
+
+
+@dataclass(frozen=True, slots=True)
+class BuildCredentials:
+    """A build's credentials by registry host, and the reference each host's came from."""
+
+    credentials: Mapping[str, RegistryCredential]
+    sources: Mapping[str, CredentialRef]
+
+
+def resolve_with_sources(resolve: CredentialResolver, refs: Sequence[CredentialRef]) -> BuildCredentials:
+    """Resolve ``refs`` one at a time, so each host's credentials are known to come from one of them.
+
+    The same result as resolving them together (later references win per host), plus the
+    provenance the matcher's authorization rule needs: an image pulled with a host's credentials
+    is private to the users of the reference that supplied them.
+    """
+    credentials: dict[str, RegistryCredential] = {}
+    sources: dict[str, CredentialRef] = {}
+    for ref in refs:
+        for host, credential in resolve([ref]).items():
+            credentials[host] = credential
+            sources[host] = ref
+    return BuildCredentials(credentials, sources)

@@ -565,6 +565,24 @@ class DistributionClient:
             probe = response.read()[:length]
         return uncompressed_size(layer, probe)
 
+    def manifest_served(self, reference: ImageReference, digest: str) -> bool:
+        """Whether the registry serves manifest ``digest`` of ``reference``'s repository to this client.
+
+        A client made without credentials asks anonymously, following a Bearer challenge with an
+        anonymous token as any pull does: that is how the builder tells a public image from a
+        private one. A HEAD request (no body; not counted as a pull by Docker Hub). Any answer but
+        2xx is False, an unreachable registry included: a caller that must be safe treats what it
+        could not confirm as private. Registries that hide private repositories answer 404 to
+        strangers, so a 404 is False too.
+        """
+        try:
+            with self._stream(
+                "HEAD", reference, f"manifests/{digest}", what="manifest", headers={"Accept": MANIFEST_ACCEPT}
+            ):
+                return True
+        except BuildFailure:
+            return False
+
     # -- manifests --
 
     def _get_manifest(

@@ -57,7 +57,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -470,6 +470,7 @@ class _Pull:
                     self._store_bytes(digest, data)
                 self._message = f"downloading {len(layers)} layer(s)"
                 self._run_all(pool, [functools.partial(self._download, client, b) for b in layers])
+                anonymous = self._anonymous_access(pool, resolved)
             finally:
                 self._stop.set()  # whatever happened, no download may go on writing
         for blob in layers:  # a registry that ignored Range requests: size from the files now
@@ -480,7 +481,10 @@ class _Pull:
         by_reference = {image.reference: image for image in resolved}
         self._write_index(resolved)
         self._report(f"pulled {len(unique)} image(s)", force=True)
-        return [self._pulled(by_reference[reference], unpacked) for reference in self._images]
+        return [
+            self._pulled(by_reference[reference], unpacked, anonymous=anonymous[reference])
+            for reference in self._images
+        ]
 
     # -- phases --
 
@@ -589,7 +593,38 @@ class _Pull:
             manifests.append(entry)
         _write_layout_files(self._builder, manifests, {}, mode=0o644)
 
-    def _pulled(self, image: ResolvedImage, unpacked: dict[str, int | None]) -> PulledImage:
+    def _anonymous_access(
+        self, pool: ThreadPoolExecutor, resolved: Sequence[ResolvedImage]
+    ) -> dict[ImageReference, bool]:
+        """Whether each image's registry serves its manifest without credentials.
+
+        An image of a registry the build had no credentials for was pulled anonymously: public.
+        The others are asked again anonymously, one HEAD each (`manifest_served`); only a 2xx
+        answer makes them public, so an image pulled with a pull secret stays private to the
+        secret's users unless its registry really serves it to anyone.
+        """
+        credentials = self._options.credentials
+        found = {image.reference: image.reference.registry not in credentials for image in resolved}
+        asked = [image for image in resolved if not found[image.reference]]
+        if not asked:
+            return found
+        config = self._provider.config
+        self._message = f"checking anonymous access to {len(asked)} image(s)"
+        with DistributionClient.from_options(
+            replace(self._options, credentials={}),
+            max_connections=config.pull_concurrency,
+            timeout_seconds=config.request_timeout_seconds,
+        ) as anonymous:
+            served = self._run_all(
+                pool,
+                [functools.partial(anonymous.manifest_served, i.reference, i.manifest.digest) for i in asked],
+            )
+        found.update((image.reference, yes) for image, yes in zip(asked, served, strict=True))
+        return found
+
+    def _pulled(
+        self, image: ResolvedImage, unpacked: dict[str, int | None], *, anonymous: bool
+    ) -> PulledImage:
         layers_unpacked = sum(unpacked[layer.digest] or layer.size for layer in image.layers)
         return PulledImage(
             reference=image.reference,
@@ -599,6 +634,7 @@ class _Pull:
             compressed_bytes=image.compressed_bytes,
             uncompressed_bytes=image.config.size + layers_unpacked,
             layer_count=len(image.layers),
+            anonymous_pull_allowed=anonymous,
         )
 
     # -- cancellation and progress (always on the calling thread) --

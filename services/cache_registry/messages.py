@@ -173,6 +173,12 @@ def spec_from_proto(message: pb.ImageCache) -> CacheSpec:
     )
 
 
+def _credential_ref(ref: CredentialRef) -> pb.RegistryCredentialRef:
+    if ref.secret:
+        return pb.RegistryCredentialRef(secret=ref.secret)
+    return pb.RegistryCredentialRef(docker_config_path=ref.docker_config_path)
+
+
 def cache_to_proto(cache: ImageCache) -> pb.ImageCache:
     """The full ImageCache message of a cache."""
     spec = cache.spec
@@ -184,12 +190,7 @@ def cache_to_proto(cache: ImageCache) -> pb.ImageCache:
         cache_size_gib=spec.cache_size_gib,
         retention_days=spec.retention_days,
         expire_time=timestamp(cache.expire_time),
-        registry_credentials=[
-            pb.RegistryCredentialRef(secret=r.secret)
-            if r.secret
-            else pb.RegistryCredentialRef(docker_config_path=r.docker_config_path)
-            for r in spec.registry_credentials
-        ],
+        registry_credentials=[_credential_ref(r) for r in spec.registry_credentials],
         plain_http_registries=list(spec.plain_http_registries),
         insecure_registries=list(spec.insecure_registries),
         platform=spec.platform,
@@ -213,6 +214,8 @@ def cache_to_proto(cache: ImageCache) -> pb.ImageCache:
                 compressed_bytes=i.compressed_bytes,
                 uncompressed_bytes=i.uncompressed_bytes,
                 layer_count=i.layer_count,
+                requires_credentials=i.requires_credentials,
+                authorized_by=[_credential_ref(r) for r in i.authorized_by],
             )
             for i in cache.cached_images
         ],

@@ -82,6 +82,10 @@ class CachedImage:
     compressed_bytes: int
     uncompressed_bytes: int
     layer_count: int
+    # The registry refused (or could not be asked for) an anonymous pull of the manifest: only
+    # pods allowed to use every reference in `authorized_by` may get the image from the cache.
+    requires_credentials: bool = False
+    authorized_by: tuple[CredentialRef, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,6 +71,10 @@ class PulledImage:
     compressed_bytes: int  # config + layers as stored
     uncompressed_bytes: int  # config + layers as unpacked by a runtime
     layer_count: int
+    # True only when the provider saw the image's registry serve its manifest without
+    # credentials (pulled anonymously, or an anonymous request for it succeeded). False, the
+    # safe default, makes an image pulled with credentials private to those credentials' users.
+    anonymous_pull_allowed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +160,13 @@ class Provider(Protocol):
         on_progress: ProgressCallback,
         cancelled: CancelCheck,
     ) -> list[PulledImage]:
-        """Pull every image onto the builder disk; raise ``BuildFailure`` with a reason."""
+        """Pull every image onto the builder disk; raise ``BuildFailure`` with a reason.
+
+        Each ``PulledImage`` says whether its registry serves it without credentials
+        (``anonymous_pull_allowed``): the registry records the others as private, matched only for
+        pods allowed to use the credentials that pulled them. A provider that cannot tell leaves
+        it False.
+        """
         ...
 
     def create_snapshot(self, *, disk_id: str, snapshot_id: str) -> SnapshotInfo:

@@ -213,10 +213,7 @@ def cache_to_doc(cache: ImageCache) -> dict[str, Any]:
             "retention_days": spec.retention_days,
             "display_name": spec.display_name,
             "labels": dict(spec.labels),
-            "registry_credentials": [
-                {"secret": r.secret, "docker_config_path": r.docker_config_path}
-                for r in spec.registry_credentials
-            ],
+            "registry_credentials": [_credential_doc(r) for r in spec.registry_credentials],
             "plain_http_registries": list(spec.plain_http_registries),
             "insecure_registries": list(spec.insecure_registries),
             "platform": spec.platform,
@@ -241,6 +238,8 @@ def cache_to_doc(cache: ImageCache) -> dict[str, Any]:
                 "compressed_bytes": i.compressed_bytes,
                 "uncompressed_bytes": i.uncompressed_bytes,
                 "layer_count": i.layer_count,
+                "requires_credentials": i.requires_credentials,
+                "authorized_by": [_credential_doc(r) for r in i.authorized_by],
             }
             for i in cache.cached_images
         ],
@@ -263,6 +262,26 @@ def cache_to_doc(cache: ImageCache) -> dict[str, Any]:
     }
 
 
+def _credential_doc(ref: CredentialRef) -> dict[str, str]:
+    return {"secret": ref.secret, "docker_config_path": ref.docker_config_path}
+
+
+def _cached_image(doc: dict[str, Any], credentials: tuple[CredentialRef, ...]) -> CachedImage:
+    """A recorded image; one recorded before access was (no `requires_credentials`) reads safe.
+
+    Such a build did not ask whether the registry serves the image anonymously, nor note which
+    credentials pulled it: if the cache names any, the image reads as private to pods allowed to
+    use all of them, until the next build records the facts.
+    """
+    fields = dict(doc)
+    if "requires_credentials" not in fields:
+        fields["requires_credentials"] = bool(credentials)
+        fields["authorized_by"] = credentials
+    else:
+        fields["authorized_by"] = tuple(CredentialRef(**r) for r in fields.get("authorized_by", ()))
+    return CachedImage(**fields)
+
+
 def cache_from_doc(doc: dict[str, Any]) -> ImageCache:
     """Inverse of `cache_to_doc`."""
     spec = doc["spec"]
@@ -270,6 +289,7 @@ def cache_from_doc(doc: dict[str, Any]) -> ImageCache:
     create_time = _dt(doc["create_time"])
     update_time = _dt(doc["update_time"])
     assert create_time is not None and update_time is not None
+    credentials = tuple(CredentialRef(**r) for r in spec["registry_credentials"])
     return ImageCache(
         cache_id=CacheId(doc["id"]),
         spec=CacheSpec(
@@ -278,7 +298,7 @@ def cache_from_doc(doc: dict[str, Any]) -> ImageCache:
             retention_days=spec["retention_days"],
             display_name=spec["display_name"],
             labels=tuple(sorted(spec["labels"].items())),
-            registry_credentials=tuple(CredentialRef(**r) for r in spec["registry_credentials"]),
+            registry_credentials=credentials,
             plain_http_registries=tuple(spec["plain_http_registries"]),
             insecure_registries=tuple(spec["insecure_registries"]),
             platform=spec["platform"],
@@ -293,7 +313,7 @@ def cache_from_doc(doc: dict[str, Any]) -> ImageCache:
             bytes_total=progress["bytes_total"],
             attempt=progress["attempt"],
         ),
-        cached_images=tuple(CachedImage(**i) for i in doc["cached_images"]),
+        cached_images=tuple(_cached_image(i, credentials) for i in doc["cached_images"]),
         zones=tuple(
             ZoneAvailability(
                 zone=z["zone"],

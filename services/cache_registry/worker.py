@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from functools import partial
 
 from services.cache_registry import lifecycle, store
+from services.cache_registry.credential_refs import CredentialResolver, resolve_with_sources
 from services.cache_registry.database import Database
 from services.cache_registry.feed import CommitSignal
 from services.cache_registry.lifecycle import Trigger
@@ -43,9 +44,9 @@ from services.cache_registry.provider import (
     BuildFailure,
     Platform,
     Provider,
+    PulledImage,
     PullOptions,
     PullProgress,
-    RegistryCredential,
 )
 from services.cache_registry.service import Clock, target_zones
 from snapcache.errors import SnapcacheError
@@ -63,7 +64,6 @@ LOST_ZONE_MAX_SHARE = 0.5
 LOST_ZONE_MIN_SAMPLE = 10
 
 GIB = 1024**3
-CredentialResolver = Callable[[Sequence[CredentialRef]], Mapping[str, RegistryCredential]]
 # (result: "succeeded" | "retrying" | "failed", seconds the attempt took, compressed bytes pulled)
 BuildObserver = Callable[[str, float, int], None]
 
@@ -92,6 +92,20 @@ class _LeaseLost(Exception):
 # Look at expired leases this long after they run out (clock steps between replicas and the
 # database's rounding of timestamps).
 _LEASE_MARGIN_SECONDS = 0.05
+
+
+def _access(
+    pulled: PulledImage, sources: Mapping[str, CredentialRef]
+) -> tuple[bool, tuple[CredentialRef, ...]]:
+    """Whether a pulled image is private, and the reference whose credentials pulled it.
+
+    Private when the build used credentials for its registry host and the provider did not see
+    that registry serve it anonymously (`PulledImage.anonymous_pull_allowed`, False when unsure).
+    """
+    source = sources.get(pulled.reference.registry)
+    if source is None or pulled.anonymous_pull_allowed:
+        return False, ()
+    return True, (source,)
 
 
 class LifecycleWorker:
@@ -281,9 +295,12 @@ class LifecycleWorker:
         started = time.monotonic()
         try:
             self._provider.create_builder_disk(disk_id=disk_id, capacity_bytes=capacity)
+            build_credentials = resolve_with_sources(
+                self._resolve_credentials, cache.spec.registry_credentials
+            )
             options = PullOptions(
                 platform=_platform(cache.spec.platform),
-                credentials=self._resolve_credentials(cache.spec.registry_credentials),
+                credentials=build_credentials.credentials,
                 plain_http_registries=frozenset(cache.spec.plain_http_registries),
                 insecure_registries=frozenset(cache.spec.insecure_registries),
             )
@@ -299,8 +316,9 @@ class LifecycleWorker:
             cache = reporter.latest
             final_progress = reporter.last
             now = self._clock()
+            access = [_access(p, build_credentials.sources) for p in pulled]
             with self._db.transaction() as session:
-                for given, image in zip(cache.spec.images, pulled, strict=True):
+                for given, image, (private, _) in zip(cache.spec.images, pulled, access, strict=True):
                     store.append_event(
                         session,
                         cache_id=cache.cache_id,
@@ -317,6 +335,7 @@ class LifecycleWorker:
                             "platform": str(image.platform),
                             "compressed_bytes": str(image.compressed_bytes),
                             "uncompressed_bytes": str(image.uncompressed_bytes),
+                            "requires_credentials": "true" if private else "false",
                         },
                     )
             cache = self._write(
@@ -365,8 +384,12 @@ class LifecycleWorker:
                             compressed_bytes=p.compressed_bytes,
                             uncompressed_bytes=p.uncompressed_bytes,
                             layer_count=p.layer_count,
+                            requires_credentials=private,
+                            authorized_by=authorized_by,
                         )
-                        for given, p in zip(c.spec.images, pulled, strict=True)
+                        for given, p, (private, authorized_by) in zip(
+                            c.spec.images, pulled, access, strict=True
+                        )
                     ),
                     snapshot_id=snapshot_id,
                     snapshot_size_bytes=snapshot.size_bytes,
