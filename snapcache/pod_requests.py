@@ -14,6 +14,11 @@ Annotations, snapcache's first, then Tencent TKE's so manifests written for TKE 
 Images are those of init and regular containers (ephemeral containers do not exist at
 scheduling time; the node agent reads the same), normalized by the project's one grammar
 (`snapcache.images`). Pure: no Kubernetes client; `pod_info` reads a Pod as the API serves it.
+
+A request also carries the pod's namespace and the names in its ``spec.imagePullSecrets`` (the
+ServiceAccount admission plugin has added its ServiceAccount's there by the time the pod is
+scheduled): the matcher gives a cache holding a private image only to pods that may use the
+Secret that pulled it (docs/security.md).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class PodInfo:
     annotations: Mapping[str, str]
     init_images: tuple[tuple[str, str], ...]  # (container name, image) of init containers
     images: tuple[tuple[str, str], ...]  # (container name, image) of regular containers
+    image_pull_secrets: tuple[str, ...] = ()  # names in spec.imagePullSecrets, in order, distinct
 
 
 def _text(value: Any) -> str:
@@ -63,6 +69,22 @@ def _containers(items: Any) -> tuple[tuple[str, str], ...]:
     )
 
 
+def pull_secret_names(items: Any) -> tuple[str, ...]:
+    """The names in a pod's ``spec.imagePullSecrets`` (``[{"name": ...}]``), distinct, in order.
+
+    Lenient like `pod_info`: an entry that is not an object with a non-empty string name is
+    skipped (it names no Secret the kubelet could use either).
+    """
+    if not isinstance(items, list):
+        return ()
+    names: dict[str, None] = {}
+    for item in items:
+        name = item.get("name") if isinstance(item, dict) else None
+        if isinstance(name, str) and name:
+            names.setdefault(name, None)
+    return tuple(names)
+
+
 def pod_info(pod: Mapping[str, Any]) -> PodInfo:
     """A Pod object as the API server serves it (JSON), read leniently: what is malformed is empty.
 
@@ -78,6 +100,7 @@ def pod_info(pod: Mapping[str, Any]) -> PodInfo:
         annotations={key: value for key, value in annotations.items() if isinstance(value, str)},
         init_images=_containers(spec.get("initContainers")),
         images=_containers(spec.get("containers")),
+        image_pull_secrets=pull_secret_names(spec.get("imagePullSecrets")),
     )
 
 
@@ -98,6 +121,8 @@ class PodRequest:
     strict: bool = False
     images: tuple[str, ...] = ()
     problem: str = ""
+    namespace: str = ""  # the pod's: with image_pull_secrets, which private images it may use
+    image_pull_secrets: tuple[str, ...] = ()
 
     @property
     def wants_cache(self) -> bool:
@@ -143,7 +168,15 @@ def pod_request(pod: PodInfo, *, default_mode: Mode) -> PodRequest:
     if mode is Mode.OFF:
         return PodRequest(Mode.OFF)
     images, problem = pod_images(pod)
-    return PodRequest(mode, manual_id=manual_id, strict=strict, images=images, problem=problem)
+    return PodRequest(
+        mode,
+        manual_id=manual_id,
+        strict=strict,
+        images=images,
+        problem=problem,
+        namespace=pod.namespace,
+        image_pull_secrets=pod.image_pull_secrets,
+    )
 
 
 def pod_images(pod: PodInfo) -> tuple[tuple[str, ...], str]:

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import bisect
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol
 
+from services.matcher.pull_access import Grant
 from snapcache.images import ImageReference, parse_image_reference
 
 
@@ -84,6 +85,7 @@ class CacheEntry:
         "hydrating_zones",
         "images",
         "name",
+        "private",
         "revision",
         "state",
     )
@@ -101,6 +103,8 @@ class CacheEntry:
         images: tuple[HeldImage, ...],
         available_zones: tuple[str, ...],  # sorted
         hydrating_zones: tuple[str, ...],  # sorted
+        # its private images and who may use them (`pull_access`); None (most caches): all public
+        private: Mapping[HeldImage, Grant] | None = None,
     ) -> None:
         self.name = name
         self.display_name = display_name
@@ -112,6 +116,7 @@ class CacheEntry:
         self.images = images
         self.available_zones = available_zones
         self.hydrating_zones = hydrating_zones
+        self.private = private
 
     def __repr__(self) -> str:
         return f"CacheEntry({self.name!r}, {self.state.name}, revision={self.revision})"

@@ -63,7 +63,9 @@ class IndexSync:
         *,
         settings: SyncSettings | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        share_node_credentials: bool = False,
     ) -> None:
+        self._share_node_credentials = share_node_credentials  # see `pull_access`
         self._lock = threading.Lock()
         self._pool = ImagePool()
         self._upserts_since_prune = 0
@@ -155,10 +157,11 @@ class IndexSync:
         pool = ImagePool()  # fresh: the old index's images go with it
         builder = IndexBuilder(pool)
         revision = 0
+        share = self._share_node_credentials
         for page in pages:
             revision = revision or page.revision
             for cache in page.image_caches:
-                builder.add(entry_from_cache(cache, pool))
+                builder.add(entry_from_cache(cache, pool, share_node_credentials=share))
         if self._follower.stopping():
             return  # stopping: keep the index as it was rather than swap in half of one
         fresh = builder.finish(revision=revision)
@@ -180,7 +183,13 @@ class IndexSync:
 
     def apply(self, change: api.WatchImageCachesResponse) -> None:
         """Apply one change of the feed under the index lock."""
-        entry = entry_from_cache(change.image_cache, self._pool) if change.type == _UPSERT else None
+        entry = (
+            entry_from_cache(
+                change.image_cache, self._pool, share_node_credentials=self._share_node_credentials
+            )
+            if change.type == _UPSERT
+            else None
+        )
         with self._lock:
             if entry is not None:
                 self._index.upsert(entry)

@@ -9,6 +9,7 @@ otherwise.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,6 +23,11 @@ DEFAULT_MAX_CANDIDATES = 5
 DEFAULT_MAX_REJECTIONS = 10
 MAX_LISTED = 100
 MAX_ZONES = 64
+MAX_PULL_SECRETS = 64
+_NO_SECRETS: frozenset[str] = frozenset()
+# Kubernetes' grammars: a namespace is a DNS-1123 label, a Secret's name a DNS-1123 subdomain.
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 class Policy(enum.Enum):
@@ -55,6 +61,8 @@ class MatchRequest:
     zones: frozenset[str]
     max_candidates: int
     max_rejections: int
+    namespace: str = ""  # the pod's; "" when the caller does not know the pod
+    pull_secrets: frozenset[str] = frozenset()  # names in the pod's imagePullSecrets
 
 
 @lru_cache(maxsize=65536)
@@ -80,6 +88,8 @@ def build_request(
     zones: Sequence[str] = (),
     max_candidates: int = 0,
     max_rejections: int = 0,
+    namespace: str = "",
+    image_pull_secrets: Sequence[str] = (),
 ) -> MatchRequest:
     """Check a request's fields (all violations at once) and resolve its defaults."""
     violations: list[FieldViolation] = []
@@ -136,6 +146,9 @@ def build_request(
         if not zone:
             violations.append(FieldViolation(f"zones[{i}]", "must not be empty"))
 
+    if namespace or image_pull_secrets:
+        violations += _pod_access_violations(namespace, image_pull_secrets)
+
     limits = {"max_candidates": max_candidates, "max_rejections": max_rejections}
     for name, value in limits.items():
         if value < 0 or value > MAX_LISTED:
@@ -161,4 +174,31 @@ def build_request(
         zones=frozenset(zones),
         max_candidates=max_candidates or DEFAULT_MAX_CANDIDATES,
         max_rejections=max_rejections or DEFAULT_MAX_REJECTIONS,
+        namespace=namespace,
+        pull_secrets=frozenset(image_pull_secrets) if image_pull_secrets else _NO_SECRETS,
     )
+
+
+def _pod_access_violations(namespace: str, pull_secrets: Sequence[str]) -> list[FieldViolation]:
+    """What is wrong with the pod's namespace and pull secret names (Kubernetes' own grammars)."""
+    found: list[FieldViolation] = []
+    if namespace and (len(namespace) > 63 or not _DNS_LABEL.fullmatch(namespace)):
+        found.append(
+            FieldViolation(
+                "namespace", "must be a Kubernetes namespace name (a DNS label of at most 63 characters)"
+            )
+        )
+    if pull_secrets and not namespace:
+        found.append(FieldViolation("image_pull_secrets", "pull secrets need the pod's namespace"))
+    if len(pull_secrets) > MAX_PULL_SECRETS:
+        found.append(FieldViolation("image_pull_secrets", f"at most {MAX_PULL_SECRETS} names"))
+        return found
+    for i, name in enumerate(pull_secrets):
+        if len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
+            found.append(
+                FieldViolation(
+                    f"image_pull_secrets[{i}]",
+                    "must be a Secret name (a DNS subdomain of at most 253 characters)",
+                )
+            )
+    return found

@@ -13,6 +13,10 @@ brute-force reference) but does not look at every cache:
   count, or the sum of the other postings' largest bytes); the search stops once the candidates
   it holds beat that bound, or once an unseen cache could not reach `min_covered`.
 
+A cache holding one of the pod's images privately (its registry required credentials) qualifies
+only if the pod may use the credentials that pulled it (`pull_access`; rejection NOT_AUTHORIZED);
+caches holding only public images skip that check.
+
 Rejections are the closest misses among the caches examined (most images covered first). When a
 cache qualifies, only caches holding every image were examined; with no match, a bounded number
 of caches holding some of the images is. When more caches share an image with the pod than were
@@ -31,6 +35,7 @@ from typing import Any
 
 from services.matcher.index import CacheEntry, CacheIndex, CacheState, HeldImage, Posting
 from services.matcher.match_requests import MatchRequest, PodImage, Policy
+from services.matcher.pull_access import first_refusal
 
 RankKey = tuple[int, int, int, str]
 
@@ -55,6 +60,7 @@ class Decision(enum.Enum):
     MANUAL_NOT_READY = 4
     MANUAL_NOT_AVAILABLE = 5
     MANUAL_TOO_FEW_IMAGES = 6
+    MANUAL_NOT_AUTHORIZED = 7
 
 
 class Action(enum.Enum):
@@ -73,6 +79,7 @@ class RejectReason(enum.Enum):
     MISSING_IMAGES = 3
     TOO_FEW_IMAGES = 4
     NOT_AVAILABLE_IN_ZONES = 5
+    NOT_AUTHORIZED = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +185,20 @@ def judge(
             f"{entry.name} holds {coverage.count} of the pod's {len(request.images)} images, "
             f"fewer than the {request.min_covered} required",
         )
+    private = entry.private
+    if private is not None:  # only caches holding private images pay for the rule
+        refused = first_refusal(
+            private, coverage.covered, namespace=request.namespace, pull_secrets=request.pull_secrets
+        )
+        if refused is not None:
+            image, why = refused
+            return Rejection(
+                entry,
+                RejectReason.NOT_AUTHORIZED,
+                coverage,
+                hydrating,
+                f"{entry.name} holds {image.normalized}, {why}",
+            )
     if entry.state is not CacheState.READY:
         message = f"{entry.name} is {entry.state.name}, not READY"
         return Rejection(entry, RejectReason.NOT_READY, coverage, hydrating, message)
@@ -499,6 +520,7 @@ def _match_manual(
         RejectReason.NOT_AVAILABLE_IN_ZONES: Decision.MANUAL_NOT_AVAILABLE,
         RejectReason.TOO_FEW_IMAGES: Decision.MANUAL_TOO_FEW_IMAGES,
         RejectReason.MISSING_IMAGES: Decision.MANUAL_TOO_FEW_IMAGES,
+        RejectReason.NOT_AUTHORIZED: Decision.MANUAL_NOT_AUTHORIZED,
     }[verdict.reason]
     return MatchOutcome(
         decision,

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from services.matcher.index import CacheEntry, CacheState, HeldImage, ImagePool
 from services.matcher.match_requests import MatchRequest
 from services.matcher.matching import Candidate, MatchOutcome, Rejection
+from services.matcher.pull_access import Grant, grant_of
 from snapcache.images import InvalidImageReference
 from snapcache.v1 import image_cache_pb2 as pb
 from snapcache.v1 import matcher_pb2 as mpb
@@ -22,12 +23,26 @@ _DIGEST = mpb.CoveredImage.DIGEST
 _TAG = mpb.CoveredImage.TAG
 
 
-def entry_from_cache(cache: pb.ImageCache, pool: ImagePool) -> CacheEntry:
-    """The index entry of one version of a cache as the registry sent it."""
+def entry_from_cache(
+    cache: pb.ImageCache, pool: ImagePool, *, share_node_credentials: bool = False
+) -> CacheEntry:
+    """The index entry of one version of a cache as the registry sent it.
+
+    ``share_node_credentials``: images pulled with the registry host's docker config are
+    matched for every pod (the operator's choice; see `pull_access`).
+    """
     images: tuple[HeldImage, ...]
+    private: dict[HeldImage, Grant] | None = None
     if cache.cached_images:
         recorded = pool.recorded
         images = tuple([recorded(image) for image in cache.cached_images])
+        for held, image in zip(images, cache.cached_images, strict=True):
+            if image.requires_credentials:
+                grant = grant_of(image.authorized_by, share_node_credentials=share_node_credentials)
+                if grant is not None:
+                    if private is None:
+                        private = {}
+                    private[held] = grant
     else:
         # Not built yet: file it under the images it was asked for, so an answer can say
         # "that cache is CREATING" instead of not mentioning it.
@@ -52,6 +67,7 @@ def entry_from_cache(cache: pb.ImageCache, pool: ImagePool) -> CacheEntry:
         images=images,
         available_zones=pool.zones(available),
         hydrating_zones=pool.zones(hydrating),
+        private=private,
     )
 
 

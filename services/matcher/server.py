@@ -52,6 +52,11 @@ class MatcherConfig:
     max_inflight_rpcs: int = 1024
     # how to reach the registry: TLS, client certificate, token (a writer: it reports matches)
     registry_security: ClientSecurity = PLAINTEXT_CHANNEL
+    # Images the registry pulled with its own docker config (`docker_config_path` credentials,
+    # like a kubelet's node credentials) are matched for every pod when True; for none when False
+    # (the default: no pod names those credentials, so sharing them is the operator's decision,
+    # not any cache writer's). See docs/security.md.
+    share_node_credentials: bool = False
 
     def validate(self) -> None:
         """Refuse a bad configuration at start-up rather than at the first request."""
@@ -78,7 +83,9 @@ class MatcherApp:
             config.registry_security,
             options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
         )
-        self.sync = IndexSync(self.channel, settings=config.sync)
+        self.sync = IndexSync(
+            self.channel, settings=config.sync, share_node_credentials=config.share_node_credentials
+        )
         self.metrics = MatcherMetrics(self.sync.status, self._pending_hits)
         self.hits = HitReporter(
             self.channel,

@@ -54,6 +54,8 @@ class MatcherServicer(mpb_grpc.MatcherServiceServicer):
             zones=request.zones,
             max_candidates=request.max_candidates,
             max_rejections=request.max_rejections,
+            namespace=request.namespace,
+            image_pull_secrets=request.image_pull_secrets,
         )
         now_ns = self._clock_ns()
         with self._sync.reading() as index:

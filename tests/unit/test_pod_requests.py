@@ -56,3 +56,39 @@ def test_an_empty_image_makes_the_pod_pull() -> None:
     request = pod_request(info, default_mode=Mode.OFF)
     assert request.mode is Mode.MANUAL and request.manual_id == "imc-0000000a"
     assert not request.wants_cache and "not valid" in request.problem
+
+
+@pytest.mark.parametrize(
+    ("pull_secrets", "expected"),
+    [
+        ([{"name": "team-pull"}, {"name": "shared"}], ("team-pull", "shared")),
+        ([{"name": "a"}, {"name": "a"}, {"name": "b"}], ("a", "b")),  # distinct, first order kept
+        ([{"name": ""}, {"name": 7}, "b", {}, None, {"name": "ok"}], ("ok",)),  # unusable entries
+        ({"name": "not-a-list"}, ()),
+        (None, ()),
+    ],
+)
+def test_image_pull_secrets_are_read_into_the_request(pull_secrets: Any, expected: tuple[str, ...]) -> None:
+    info = pod_info(
+        _pod(
+            {"snapcache.io/use-image-cache": "auto"},
+            containers=[{"name": "app", "image": "nginx:1.25"}],
+            imagePullSecrets=pull_secrets,
+        )
+    )
+    assert info.image_pull_secrets == expected
+    request = pod_request(info, default_mode=Mode.OFF)
+    assert (request.namespace, request.image_pull_secrets) == ("ns", expected)
+
+
+def test_a_manual_request_carries_the_pods_namespace_and_pull_secrets() -> None:
+    info = pod_info(
+        _pod(
+            {"snapcache.io/use-image-cache": "imc-0000000a"},
+            containers=[{"name": "app", "image": "registry.example.com/team/app:2"}],
+            imagePullSecrets=[{"name": "team-pull"}],
+        )
+    )
+    request = pod_request(info, default_mode=Mode.OFF)
+    assert request.mode is Mode.MANUAL
+    assert (request.namespace, request.image_pull_secrets) == ("ns", ("team-pull",))
