@@ -1,0 +1,142 @@
+"""The node agent on a real node: a kubelet and containerd run the pods, snapcache serves their images.
+
+One module-scoped stack (``tests.support.node_stack``): etcd, kube-apiserver, kube-controller-
+manager, kube-scheduler calling the extender, containerd and a kubelet on this machine; an
+upstream ``docker-registry`` whose access log tells every blob it served; the cache registry
+(local provider), the matcher, and ``snapcache node-agent`` as a process (grace period 2 s).
+Two caches: ``demo/big:1.0`` (~200 MiB in five layers) and ``demo/small:1.0`` (three small
+layers). Every image has a ``/pause`` top layer, so its container really runs. Between tests
+images are removed from containerd, so each pod pulls.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from snapcache.demo.oci_images import ImageSpec, LayerSpec, MiB
+from tests.support.node_stack import USE, CacheSpec, NodeStack, running_node_stack, unique
+
+pytestmark = pytest.mark.e2e
+
+BIG = ImageSpec(
+    "demo/big",
+    "1.0",
+    [
+        LayerSpec(80 * MiB, seed=8101),
+        LayerSpec(60 * MiB, seed=8102, file_count=3),
+        LayerSpec(40 * MiB, seed=8103, file_count=8),
+        LayerSpec(20 * MiB, seed=8104, file_count=20),
+    ],
+)
+SMALL = ImageSpec(
+    "demo/small",
+    "1.0",
+    [LayerSpec(2 * MiB, seed=8201), LayerSpec(512 * 1024, seed=8202), LayerSpec(32 * 1024, seed=8203)],
+)
+AUTO = {USE: "auto"}
+
+
+def eventually(check: Callable[[], Any], *, what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeStack]:
+    with running_node_stack(
+        tmp_path_factory.mktemp("real-node"),
+        images=[BIG, SMALL],
+        caches=[CacheSpec(["demo/big:1.0"]), CacheSpec(["demo/small:1.0"])],
+        grace_seconds=2.0,
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+def clean(stack: NodeStack) -> Iterator[NodeStack]:
+    """The test's pods deleted, the images forgotten and every disk released afterwards."""
+    assert stack.agent.process is not None and stack.agent.process.poll() is None, stack.agent.read_log()
+    yield stack
+    api, core = stack.node.core()
+    with api:
+        names = [p.metadata.name for p in core.list_namespaced_pod(stack.namespace).items]
+    for name in names:
+        stack.delete_pod(name)
+    stack.forget_images("demo/big:1.0", "demo/small:1.0")
+    eventually(lambda: stack.disk_dirs() == [], what="every disk released", timeout=30)
+
+
+def _layer_digests(stack: NodeStack, key: str) -> set[str]:
+    """The image's own layers (its top ``/pause`` layer is the sandbox image's too: already there)."""
+    return {layer.digest for layer in stack.images[key].layers[:-1]}
+
+
+def test_a_cached_pod_runs_with_no_blob_from_upstream_and_an_uncached_one_pulls(clean: NodeStack) -> None:
+    stack = clean
+    big_layers = _layer_digests(stack, "demo/big:1.0")
+    # no annotation: pulled from the upstream registry through the mirror, as without snapcache
+    since = len(stack.upstream.read_log())
+    plain = unique("plain")
+    stack.pod(plain, "demo/big:1.0")
+    stack.wait_running(plain, timeout=180)
+    assert big_layers <= set(stack.upstream_blob_gets(since, "demo/big"))
+    assert stack.disk_dirs() == []  # nobody asked for a disk
+    stack.delete_pod(plain)
+    stack.forget_images("demo/big:1.0")
+    assert not [n for n in stack.node.image_names() if "demo/big" in n]
+
+    served_before = stack.agent.metric("snapcache_node_agent_served_bytes_total", source="disk")
+    accelerated_before = stack.agent.metric("snapcache_node_agent_pods_accelerated_total")
+    since = len(stack.upstream.read_log())
+    cached = unique("cached")
+    stack.pod(cached, "demo/big:1.0", annotations=AUTO)
+    pod = stack.wait_running(cached, timeout=180)
+    assert pod.spec.node_name == stack.node.name
+    assert stack.upstream_blob_gets(since, "demo/big") == []  # not one blob from upstream
+    cache_id = stack.caches["demo/big:1.0"]
+    assert [d for d in stack.live_disks(cache_id)] == stack.disk_dirs() and len(stack.disk_dirs()) == 1
+    reasons = eventually(
+        lambda: {r for r, component, _ in stack.events(cached) if component == "snapcache-node-agent"},
+        what="the agent's event",
+    )
+    assert "ImageCacheDiskReady" in reasons
+    own_layers = sum(layer.size for layer in stack.images["demo/big:1.0"].layers[:-1])
+    served = stack.agent.metric("snapcache_node_agent_served_bytes_total", source="disk") - served_before
+    assert served >= own_layers
+    assert stack.agent.metric("snapcache_node_agent_pods_accelerated_total") == accelerated_before + 1
+    assert stack.agent.metric("snapcache_node_agent_disks_attached") == 1
+    assert stack.agent.metric("snapcache_node_agent_provisioning_seconds_count") >= 1
+
+
+def test_two_pods_of_one_cache_share_one_disk_released_after_both_are_gone(clean: NodeStack) -> None:
+    stack = clean
+    cache_id = stack.caches["demo/small:1.0"]
+    since = len(stack.upstream.read_log())
+    first, second = unique("share-1"), unique("share-2")
+    stack.pod(first, "demo/small:1.0", annotations=AUTO)
+    stack.wait_running(first)
+    stack.pod(second, "demo/small:1.0", annotations={USE: cache_id})  # the cache by its id
+    stack.wait_running(second)
+    assert stack.upstream_blob_gets(since, "demo/small") == []
+    (disk,) = stack.live_disks(cache_id)
+    assert stack.disk_dirs() == [disk]
+    for name in (first, second):
+        assert "ImageCacheDiskReady" in eventually(
+            lambda name=name: {r for r, _, _ in stack.events(name)}, what=f"{name}'s events"
+        )
+    stack.delete_pod(first)
+    time.sleep(3)  # past the 2 s grace period: the other pod still uses the disk
+    assert stack.live_disks(cache_id) == [disk] and stack.disk_dirs() == [disk]
+    stack.delete_pod(second)
+    eventually(lambda: stack.live_disks(cache_id) == [] and stack.disk_dirs() == [], what="the disk released")
+    assert stack.agent.metric("snapcache_node_agent_disks_attached") == 0
