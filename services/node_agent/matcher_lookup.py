@@ -1,8 +1,8 @@
 """The matcher over gRPC: which cache a pod bound to this node should use in the node's zone.
 
 One ``MatchImageCaches`` per opted-in pod (``pod_disks`` remembers the answer), with the pod's
-images, its manual cache id and the node's zone, and ``validate_only`` off: this is the use the
-match counts are for. Any failure (matcher down, slow, an error status) fails open: the pod pulls
+images, its manual cache id, its namespace and pull secrets, the node's zone, and
+``validate_only`` off: this is the use the match counts are for. Any failure (matcher down, slow, an error status) fails open: the pod pulls
 through the mirror as if it used no cache, and is asked about again later.
 """
 
@@ -53,6 +53,10 @@ class MatcherLookup:
             strict=request.strict,
             zones=[zone] if zone else [],
             validate_only=False,
+            # who the pod is, so a cache holding private images is given only to pods that may
+            # pull them themselves (docs/security.md)
+            namespace=request.namespace,
+            image_pull_secrets=request.image_pull_secrets,
         )
         try:
             answer = self._stub.MatchImageCaches(query, timeout=self._timeout)

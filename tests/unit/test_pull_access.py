@@ -374,7 +374,7 @@ def test_the_rule_removes_exactly_the_caches_the_pod_may_not_use(data: st.DataOb
     texts = data.draw(st.lists(st.sampled_from(_POD_TEXTS), min_size=1, max_size=4, unique=True))
     request = build_request(images=texts, policy=policy.value, max_candidates=4, max_rejections=100, **pod)  # type: ignore[arg-type]
     namespace = str(pod.get("namespace", ""))
-    secrets = frozenset(pod.get("image_pull_secrets", []))  # type: ignore[arg-type]
+    secrets = frozenset(pod.get("image_pull_secrets", []))
 
     def refused(entry: CacheEntry) -> bool:
         for image in request.images:
