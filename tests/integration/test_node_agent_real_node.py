@@ -4,8 +4,8 @@ One module-scoped stack (``tests.support.node_stack``): etcd, kube-apiserver, ku
 manager, kube-scheduler calling the extender, containerd and a kubelet on this machine; an
 upstream ``docker-registry`` whose access log tells every blob it served; the cache registry
 (local provider), the matcher, and ``snapcache node-agent`` as a process (grace period 2 s).
-Two caches: ``demo/big:1.0`` (~200 MiB in five layers) and ``demo/small:1.0`` (three small
-layers). Every image has a ``/pause`` top layer, so its container really runs. Between tests
+Two caches: ``demo/big:1.0`` (~200 MiB in five layers) and ``demo/small:1.0`` with
+``demo/small2:1.0`` (small layers). Every image has a ``/pause`` top layer, so its container really runs. Between tests
 images are removed from containerd, so each pod pulls.
 """
 
@@ -37,6 +37,7 @@ SMALL = ImageSpec(
     "1.0",
     [LayerSpec(2 * MiB, seed=8201), LayerSpec(512 * 1024, seed=8202), LayerSpec(32 * 1024, seed=8203)],
 )
+SMALL2 = ImageSpec("demo/small2", "1.0", [LayerSpec(1 * MiB, seed=8301), LayerSpec(256 * 1024, seed=8302)])
 AUTO = {USE: "auto"}
 
 
@@ -55,8 +56,8 @@ def eventually(check: Callable[[], Any], *, what: str, timeout: float = 30.0) ->
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeStack]:
     with running_node_stack(
         tmp_path_factory.mktemp("real-node"),
-        images=[BIG, SMALL],
-        caches=[CacheSpec(["demo/big:1.0"]), CacheSpec(["demo/small:1.0"])],
+        images=[BIG, SMALL, SMALL2],
+        caches=[CacheSpec(["demo/big:1.0"]), CacheSpec(["demo/small:1.0", "demo/small2:1.0"])],
         grace_seconds=2.0,
     ) as running:
         yield running
@@ -72,7 +73,7 @@ def clean(stack: NodeStack) -> Iterator[NodeStack]:
         names = [p.metadata.name for p in core.list_namespaced_pod(stack.namespace).items]
     for name in names:
         stack.delete_pod(name)
-    stack.forget_images("demo/big:1.0", "demo/small:1.0")
+    stack.forget_images("demo/big:1.0", "demo/small:1.0", "demo/small2:1.0")
     eventually(lambda: stack.disk_dirs() == [], what="every disk released", timeout=30)
 
 
@@ -140,3 +141,45 @@ def test_two_pods_of_one_cache_share_one_disk_released_after_both_are_gone(clean
     stack.delete_pod(second)
     eventually(lambda: stack.live_disks(cache_id) == [] and stack.disk_dirs() == [], what="the disk released")
     assert stack.agent.metric("snapcache_node_agent_disks_attached") == 0
+
+
+def test_the_agent_killed_while_a_pod_starts_leaves_the_pod_running_and_no_disk(clean: NodeStack) -> None:
+    stack = clean
+    cache_id = stack.caches["demo/small:1.0"]
+    name = unique("killed")
+    stack.pod(name, "demo/small:1.0", annotations=AUTO)
+    eventually(lambda: stack.read_pod(name).spec.node_name, what="the pod bound")
+    stack.agent.kill()  # SIGKILL: the mirror containerd was told to use is gone mid-start
+    pod = stack.wait_running(name)  # containerd falls back to the registry itself (hosts.toml server)
+    assert pod.status.phase == "Running"
+    stack.agent.start()  # same port: hosts.toml stays right; the disk (if any) is adopted
+    eventually(lambda: stack.live_disks(cache_id) == stack.disk_dirs() != [], what="the pod's disk held")
+    stack.delete_pod(name)
+    eventually(lambda: stack.live_disks(cache_id) == [] and stack.disk_dirs() == [], what="no disk leaked")
+
+
+def test_a_corrupt_blob_on_the_disk_is_detected_and_not_served(clean: NodeStack) -> None:
+    stack = clean
+    cache_id = stack.caches["demo/small:1.0"]
+    holder = unique("holder")
+    stack.pod(holder, "demo/small:1.0", annotations=AUTO)  # attaches the cache's disk
+    stack.wait_running(holder)
+    (disk,) = stack.disk_dirs()
+    victim = stack.images["demo/small2:1.0"].layers[1]  # 256 KiB: checked whole before it is sent
+    blob = stack.disk_root / disk / "blobs" / "sha256" / victim.digest.removeprefix("sha256:")
+    replacement = blob.with_name(".corrupt")
+    replacement.write_bytes(b"\0" * victim.size)  # same size, other bytes; the zone's copy is untouched
+    replacement.replace(blob)
+    # the agent sees the disk changed (blob directory's mtime) and reads it anew, which forgets the
+    # disk's bad marks: let that happen first (rescans every 0.5 s) so the mark counted stays
+    time.sleep(1.5)
+    failures = stack.agent.metric("snapcache_node_agent_digest_failures_total", source="disk")
+    since = len(stack.upstream.read_log())
+    user = unique("user")
+    stack.pod(user, "demo/small2:1.0", annotations={USE: cache_id})
+    stack.wait_running(user)
+    # only the corrupt blob came from upstream; the good ones from the disk
+    assert stack.upstream_blob_gets(since, "demo/small2") == [victim.digest]
+    assert stack.agent.metric("snapcache_node_agent_digest_failures_total", source="disk") == failures + 1
+    assert stack.agent.metric("snapcache_node_agent_bad_blobs") == 1
+    assert stack.live_disks(cache_id) == [disk]
