@@ -387,9 +387,10 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
         type=int,
         default=0,
         metavar="N",
-        help="calls in flight per gRPC server beyond which new ones are refused at once with "
-        "RESOURCE_EXHAUSTED (clients retry) instead of queueing (default 256 for the registry, "
-        "1024 for the matcher)",
+        help="calls running at once per gRPC server beyond which new ones are refused at once with "
+        "RESOURCE_EXHAUSTED, reason OVERLOADED and a jittered retry delay (clients retry), instead of "
+        "queueing; health and reflection are never refused (default 256 for the registry, 1024 for "
+        "the matcher)",
     )
     serve.add_argument(
         "--lease-seconds",
