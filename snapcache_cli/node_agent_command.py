@@ -133,6 +133,14 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
         help="keep a disk this long after its last pod is gone before releasing it (default 300)",
     )
     pods.add_argument(
+        "--pending-wait-seconds",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="hold a manifest request of a pod's image while its disk is provisioned, at most this "
+        "long, then pass it through (default 10; 0: never hold)",
+    )
+    pods.add_argument(
         "--image-cache-default",
         choices=("off", "auto"),
         default="off",
@@ -182,6 +190,7 @@ def _provisioning_options(args: argparse.Namespace) -> dict[str, Any]:
         "in_cluster": in_cluster,
         "default_mode": args.image_cache_default,
         "disk_grace_seconds": args.disk_grace_seconds,
+        "pending_wait_seconds": args.pending_wait_seconds,
         "client_security": client_security(args),
     }
 

@@ -9,6 +9,9 @@ GET/HEAD, 400 for a name, tag or digest the grammar refuses), then each source i
   (``verification``); one that fails is cut short, counted, and marked bad on its disk, so the
   client's retry passes through. Small blobs (configs) are checked whole before sending, like
   manifests. A ``Range`` request (a resumed download) is checked whole first, then sliced.
+- **waiting**: a manifest of a repository whose disk a pod on this node is about to get
+  (``pending_images``) is held until that disk is attached or refused, at most
+  ``pending_wait_seconds``, so the runtime racing the agent does not pull it from upstream.
 - **upstream**: everything else, streamed from the real registry (``upstream``); full blob
   bodies are checked against their digest the same way, manifests before they are sent. The
   /v2/ probe is the upstream's answer too (its auth challenge, for clients that authenticate),
@@ -41,6 +44,7 @@ import httpx
 
 from services.node_agent.disk_catalogue import MAX_MANIFEST_BYTES, DiskCatalogue, open_regular
 from services.node_agent.metrics import NodeAgentMetrics
+from services.node_agent.pending_images import PendingImages
 from services.node_agent.routing import Kind, MirrorRequest, Refusal, Source, accepts, route
 from services.node_agent.upstream import RELAYED_RESPONSE_HEADERS, Upstream, UpstreamUnavailable
 from services.node_agent.verification import DigestMismatch, digest_of, relay_verified
@@ -137,12 +141,16 @@ class Mirror:
         metrics: NodeAgentMetrics,
         default_registry: str = DEFAULT_REGISTRY,
         check_whole_below_bytes: int = _CHUNK_BYTES,
+        pending: PendingImages | None = None,
+        pending_wait_seconds: float = 0.0,
     ) -> None:
         self.catalogue = catalogue
         self.upstream = upstream
         self.metrics = metrics
         self.default_registry = default_registry
         self._check_whole_below = check_whole_below_bytes
+        self._pending = pending
+        self._pending_wait = pending_wait_seconds
 
     def handle(self, method: str, target: str, headers: Mapping[str, str], out: Responder) -> None:
         """Answer ``method target``; ``headers`` with lower-case names."""
@@ -151,6 +159,10 @@ class Mirror:
             extra = [("Allow", "GET, HEAD")] if routed.status == 405 else []
             self._error(out, routed.status, routed.code, routed.message, kind="refused", headers=extra)
             return
+        if routed.kind is Kind.MANIFEST and routed.image is not None and self._pending is not None:
+            settled = self._pending.wait(routed.image.name, self._pending_wait)
+            if settled is not None:
+                self.metrics.pending_wait(settled)
         for source in routed.sources:
             if source is Source.LOCAL:
                 self.metrics.answered("base", "local", 200)

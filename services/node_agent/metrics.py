@@ -3,7 +3,8 @@
 What the issue asks to see: disks attached, bytes served from disks vs passed through, every
 blob that failed its digest (by source: a corrupt disk, or a registry that served bad content),
 and per-pod provisioning: how long a disk took, how many pods got one, and what failed, by reason
-(the registry's ErrorInfo reason, or MATCHER_UNAVAILABLE when the pod was left to pull unasked).
+(the registry's ErrorInfo reason, or MATCHER_UNAVAILABLE when the pod was left to pull unasked),
+and the manifest requests held for a disk on its way (``pending_images``), by outcome.
 """
 
 from __future__ import annotations
@@ -78,6 +79,13 @@ class NodeAgentMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self._pending_waits = Counter(
+            "snapcache_node_agent_pending_waits",
+            "Manifest requests held while the disk of their pod's cache was on its way, by outcome: "
+            "settled (attached, refused or not matched) or timeout (passed through)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.events_dropped = Counter(
             "snapcache_node_agent_events_dropped",
             "Pod events not written (queue full or the API server refused)",
@@ -99,6 +107,10 @@ class NodeAgentMetrics:
     def provisioning_failure(self, reason: str) -> None:
         """Count one disk a pod wanted and did not get."""
         self._failures.labels(reason or "UNKNOWN").inc()
+
+    def pending_wait(self, settled: bool) -> None:
+        """Count one manifest request held for a disk on its way."""
+        self._pending_waits.labels("settled" if settled else "timeout").inc()
 
     def digest_failure(self, source: str) -> None:
         """Count one content that failed its digest."""

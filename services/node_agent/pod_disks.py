@@ -23,12 +23,13 @@ No transport here: the matcher and the event writer are ports, time is a callabl
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol
 
 from services.node_agent.disk_keeper import DiskKeeper
 from services.node_agent.disk_plans import DiskPlan
+from snapcache.images import InvalidImageReference, parse_image_reference
 from snapcache.pod_requests import Mode, PodInfo, PodRequest, pod_request
 
 READY: Final = "ImageCacheDiskReady"
@@ -85,6 +86,7 @@ class PodDisks:
         on_accelerated: Callable[[], None] = lambda: None,
         on_failure: Callable[[str], None] = lambda _reason: None,
         on_disks_changed: Callable[[], None] = lambda: None,
+        on_pending: Callable[[frozenset[str]], None] = lambda _names: None,
     ) -> None:
         self._keeper = keeper
         self._matcher = matcher
@@ -95,6 +97,7 @@ class PodDisks:
         self._on_accelerated = on_accelerated
         self._on_failure = on_failure
         self._on_disks_changed = on_disks_changed
+        self._on_pending = on_pending
         self._pods: dict[str, _Pod] = {}  # uid -> what was asked and said
 
     def wanted(self) -> dict[str, str]:
@@ -106,9 +109,15 @@ class PodDisks:
         now = self._clock()
         for uid in [uid for uid in self._pods if uid not in pods]:
             del self._pods[uid]
+        requests = {uid: pod_request(pod, default_mode=self._default_mode) for uid, pod in pods.items()}
+        # new opted-in pods: their images are held in the mirror until the matcher and the disk answer
+        self._on_pending(
+            self._pending()
+            | _repositories(r for uid, r in requests.items() if r.wants_cache and uid not in self._pods)
+        )
         matcher_down: Lookup | None = None
-        for uid, pod in pods.items():
-            request = pod_request(pod, default_mode=self._default_mode)
+        for uid in pods:
+            request = requests[uid]
             known = self._pods.get(uid)
             stale = known is not None and not known.lookup.known and now - known.asked_at >= self._retry
             if known is None or known.request != request or stale:
@@ -116,15 +125,28 @@ class PodDisks:
                 if not lookup.known:
                     matcher_down = lookup
                 self._pods[uid] = _Pod(request, lookup, now)
+        self._on_pending(self._pending())
         plan = self._keeper.reconcile(self.wanted())
         if plan.provision or plan.release:
             self._on_disks_changed()
+        self._on_pending(self._pending())
         for uid, state in self._pods.items():
             if state.lookup.cache_id:
                 self._tell(pods[uid], state)
             elif state.request.mode is Mode.MANUAL and state.lookup.known and state.request.wants_cache:
                 self._tell_unusable(pods[uid], state)
         return plan
+
+    def _pending(self) -> frozenset[str]:
+        """Repositories of pods whose cache has neither a disk nor a refusal yet."""
+        waiting = (
+            state.request
+            for state in self._pods.values()
+            if state.lookup.cache_id
+            and self._keeper.disk_of(state.lookup.cache_id) is None
+            and self._keeper.refusal(state.lookup.cache_id) is None
+        )
+        return _repositories(waiting)
 
     def _ask(self, request: PodRequest, matcher_down: Lookup | None) -> Lookup:
         if not request.wants_cache:
@@ -175,3 +197,14 @@ class PodDisks:
                 "the pod pulls its images from their registries",
                 warning=True,
             )
+
+
+def _repositories(requests: Iterable[PodRequest]) -> frozenset[str]:
+    names = set()
+    for request in requests:
+        for image in request.images:
+            try:
+                names.add(parse_image_reference(image).name)
+            except InvalidImageReference:
+                continue  # the matcher refuses it too: the pod pulls
+    return frozenset(names)

@@ -10,8 +10,9 @@ node: the pod watch (``kube_pods``) wakes the reconcile loop, which runs one ``P
 (matcher -> ``DiskKeeper`` -> registry, events on the pods) at each change and at least every
 ``reconcile_seconds`` (the grace period and retries are clocked there). The mirror then serves
 only this node's disks (the disk root may be shared, as the local provider's zone directory
-is), and a restarted agent adopts the disks it finds there under its node's ids before the first
-round, which waits for the first full list of pods: nothing is released for want of knowing.
+is) and holds the manifests of images whose disk is on its way (``pending_images``); a
+restarted agent adopts the disks it finds there under its node's ids before the first round,
+which waits for the first full list of pods: nothing is released for want of knowing.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from services.node_agent.http_app import Mirror, MirrorHTTPServer, serve_in_thre
 from services.node_agent.kube_pods import NodePods, node_zone
 from services.node_agent.matcher_lookup import MatcherLookup
 from services.node_agent.metrics import NodeAgentMetrics
+from services.node_agent.pending_images import PendingImages
 from services.node_agent.pod_disks import PodDisks
 from services.node_agent.registry_disks import RegistryDisks
 from services.node_agent.upstream import Upstream
@@ -78,6 +80,8 @@ class NodeAgentConfig:
     matcher_retry_seconds: float = 10.0  # a pod the matcher could not answer is asked again after this
     reconcile_seconds: float = 2.0  # a round at least this often (and at every pod change)
     matcher_timeout_seconds: float = 5.0
+    # a manifest of a pod's image whose disk is on its way waits this long at most, then passes through
+    pending_wait_seconds: float = 10.0
     client_security: ClientSecurity = PLAINTEXT_CHANNEL  # TLS/token to the matcher and the registry
 
     @property
@@ -107,6 +111,8 @@ class NodeAgentConfig:
                 self.reconcile_seconds,
                 self.matcher_timeout_seconds,
             )
+            if self.pending_wait_seconds < 0:
+                raise ValueError("pending_wait_seconds must be >= 0")
             if min(positive) <= 0:
                 raise ValueError("provisioning retries, reconcile period and matcher timeout must be > 0")
         split_listen(self.listen)
@@ -140,11 +146,14 @@ class NodeAgentApp:
         self.upstream = Upstream(
             plain_http_registries=config.upstream_plain_http, timeout_seconds=config.upstream_timeout_seconds
         )
+        self.pending = PendingImages()
         self.mirror = Mirror(
             catalogue=self.catalogue,
             upstream=self.upstream,
             metrics=self.metrics,
             default_registry=config.default_registry,
+            pending=self.pending if config.provisioning else None,
+            pending_wait_seconds=config.pending_wait_seconds,
         )
         self._server: MirrorHTTPServer | None = None
         self._stop = threading.Event()
@@ -211,6 +220,7 @@ class NodeAgentApp:
             on_accelerated=self.metrics.pods_accelerated.inc,
             on_failure=self.metrics.provisioning_failure,
             on_disks_changed=self._disks_changed,
+            on_pending=self.pending.publish,
         )
         self.pods = NodePods(self._kube, node=config.node_name, on_change=self._wake.set)
 
@@ -292,6 +302,7 @@ class NodeAgentApp:
         """Stop serving, refreshing and provisioning (disks stay: a restart adopts them)."""
         self._stop.set()
         self._wake.set()
+        self.pending.publish(())  # no request waits for a round that will not come
         if self.pods is not None:
             self.pods.stop()
         if self._provisioner is not None:
