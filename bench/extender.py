@@ -44,6 +44,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from services.extender.http_app import ExtenderHTTPServer, serve_in_thread
+from services.extender.node_index import NodeIndex
 from services.extender.server import ExtenderApp, ExtenderConfig
 
 CLIENTS = 4
@@ -317,7 +318,8 @@ def main() -> int:
                     matcher_target=running.matcher, listen="127.0.0.1:0", matcher_budget_seconds=1.0
                 )
             )
-            app.scheduling.node_zones = lambda: zones  # what the node cache holds
+            index = NodeIndex(zones)  # what the node cache holds
+            app.scheduling.node_zones = lambda: index
             app.start()
             floor = ExtenderHTTPServer(
                 ("127.0.0.1", 0), EmptyRoutes(), max_body_bytes=1 << 26, socket_timeout=30

@@ -15,6 +15,7 @@ from typing import Any, Final
 
 import orjson
 
+from services.extender.node_index import PLAIN_NAME_CHARS
 from snapcache.errors import InvalidArgument, invalid
 from snapcache.pod_requests import PodInfo
 
@@ -117,11 +118,7 @@ def decode_args(body: bytes) -> ExtenderArgs:
     if names is not None:
         if not isinstance(names, list):
             raise _bad("NodeNames", f"must be an array, not {_type(names)}")
-        try:
-            "".join(names)  # C speed for 5,000 names; a non-string raises
-        except TypeError:
-            position, name = next((i, n) for i, n in enumerate(names) if not isinstance(n, str))
-            raise _bad(f"NodeNames[{position}]", f"must be a string, not {_type(name)}") from None
+        _check_strings(names)
         return ExtenderArgs(pod=pod, node_names=tuple(names))
     if nodes is None:
         raise _bad("NodeNames", "one of NodeNames (nodeCacheCapable) or Nodes is required")
@@ -148,14 +145,13 @@ _NODE_NAMES_TAIL: Final = b',"Nodes":null,"NodeNames":['
 _POD_HEAD: Final = b'{"Pod":'
 
 
-def peek_pod(body: bytes) -> PodInfo | None:
-    """The pod of a NodeNames request without decoding its (thousands of) node names.
+def split_node_names(body: bytes) -> tuple[PodInfo, bytes] | None:
+    """The pod of a NodeNames request and the text of its names array, without decoding the names.
 
     None when the body does not have the exact shape the scheduler writes, or the pod is not
     valid; the caller then decodes the whole request with `decode_args`, which says what is wrong.
-    Lets a pod that uses no cache be answered in a few microseconds whatever the cluster's size.
-    The node names are not read: for such a pod nothing in them could change the answer (`[]`),
-    so a damaged list after a valid pod gets that same answer instead of a 400.
+    Lets a pod that uses no cache be answered in a few microseconds whatever the cluster's size,
+    and lets a pod that does have its matcher call started before the names are decoded.
     """
     if body[-1:].isspace():
         body = body.rstrip()
@@ -168,12 +164,43 @@ def peek_pod(body: bytes) -> PodInfo | None:
         if cut < 0:
             return None
         try:
-            return decode_pod(orjson.loads(body[len(_POD_HEAD) : cut]))
+            pod = decode_pod(orjson.loads(body[len(_POD_HEAD) : cut]))
         except orjson.JSONDecodeError:
             continue
         except InvalidArgument:
             return None
+        return pod, body[cut + len(_NODE_NAMES_TAIL) - 1 : -1]
     return None
+
+
+def peek_pod(body: bytes) -> PodInfo | None:
+    """The pod of a NodeNames request without decoding its names (see `split_node_names`).
+
+    The node names are not read: for a pod that uses no cache nothing in them could change the
+    prioritize answer (`[]`), so a damaged list after a valid pod gets that same answer.
+    """
+    split = split_node_names(body)
+    return split[0] if split is not None else None
+
+
+def decode_node_names(text: bytes) -> list[str]:
+    """The `NodeNames` array cut out by `split_node_names`; `InvalidArgument` if it is not one of strings."""
+    try:
+        names = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise _bad("body", f"is not valid JSON ({exc})") from None
+    if not isinstance(names, list):
+        raise _bad("NodeNames", f"must be an array, not {_type(names)}")
+    _check_strings(names)
+    return names
+
+
+def _check_strings(names: list[Any]) -> None:
+    try:
+        "".join(names)  # C speed for 5,000 names; a non-string raises
+    except TypeError:
+        position, name = next((i, n) for i, n in enumerate(names) if not isinstance(n, str))
+        raise _bad(f"NodeNames[{position}]", f"must be a string, not {_type(name)}") from None
 
 
 def encode_filter_result(
@@ -199,8 +226,16 @@ def encode_filter_result(
     return orjson.dumps(result)
 
 
-# Characters of node names (DNS subdomains) that need no JSON escaping.
-_PLAIN_NAME_CHARS: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:"
+def encode_all_names_pass(names_text: bytes) -> bytes:
+    """ExtenderFilterResult passing every node of a NodeNames request: its names array echoed as sent.
+
+    ``names_text`` must be the array `split_node_names` cut out and `decode_node_names` accepted.
+    """
+    return _ALL_PASS_HEAD + names_text + _ALL_PASS_TAIL
+
+
+_ALL_PASS_HEAD: Final = b'{"Nodes":null,"NodeNames":'
+_ALL_PASS_TAIL: Final = b',"FailedNodes":{},"FailedAndUnresolvableNodes":{},"Error":""}'
 # A dict, not a tuple: a score outside 0-10 is a KeyError rather than a negative index.
 _SCORE_JOINS: Final = {score: f'","Score":{score}}},{{"Host":"' for score in range(MIN_SCORE, MAX_SCORE + 1)}
 
@@ -216,7 +251,7 @@ def encode_host_priorities(hosts: Sequence[str], scores: Sequence[int]) -> bytes
     if not hosts:
         return b"[]"
     # 5,000 dicts through orjson cost ~1 ms; the same text joined from plain names, a quarter.
-    if "".join(hosts).encode().translate(None, _PLAIN_NAME_CHARS):  # a name that needs escaping
+    if "".join(hosts).encode().translate(None, PLAIN_NAME_CHARS):  # a name that needs escaping
         return orjson.dumps([{"Host": h, "Score": int(s)} for h, s in zip(hosts, scores, strict=True)])
     parts: list[str] = [""] * (2 * len(hosts))
     parts[::2] = hosts
@@ -226,3 +261,21 @@ def encode_host_priorities(hosts: Sequence[str], scores: Sequence[int]) -> bytes
         raise ValueError(f"scores must be integers {MIN_SCORE} to {MAX_SCORE}") from None
     text = '[{"Host":"' + "".join(parts)
     return (text[: -len(',{"Host":"')] + "]").encode()
+
+
+def encode_score_groups(groups: Sequence[tuple[int, Sequence[str]]], *, plain: bool) -> bytes:
+    """HostPriorityList from (score, hosts) groups: one string join per group, not a dict per host.
+
+    ``plain``: no host needs JSON escaping (node names are DNS subdomains; the node index knows).
+    Scores outside 0-10 are refused (`ValueError`); empty groups are left out.
+    """
+    if not plain:
+        return orjson.dumps([{"Host": h, "Score": int(s)} for s, hosts in groups for h in hosts])
+    parts = []
+    for score, hosts in groups:
+        join = _SCORE_JOINS.get(score) if type(score) is int else None
+        if join is None:
+            raise ValueError(f"scores must be integers {MIN_SCORE} to {MAX_SCORE}")
+        if hosts:
+            parts.append(f'{{"Host":"{join.join(hosts)}","Score":{score}}}')
+    return f"[{','.join(parts)}]".encode()

@@ -13,8 +13,11 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from services.extender.matches import MatchAnswer
+
+T = TypeVar("T")
 
 
 class DecisionCache:
@@ -64,3 +67,34 @@ class DecisionCache:
             self._counted[uid] = None
             while len(self._counted) > self._max * 10:
                 self._counted.popitem(last=False)
+
+
+class RecentPlacements(Generic[T]):
+    """The node names of the last few filter calls, placed in zones, for their prioritize calls.
+
+    In a scheduling cycle the scheduler sends prioritize the nodes that passed filter: for a pod
+    that is not strict, the very list the filter call had. Keyed by pod UID and that list's text,
+    so a prioritize call that sends anything else places its own names. Scheduling is serial, so a
+    handful of entries is plenty; each holds one request's names, so they are few.
+    """
+
+    def __init__(self, *, max_entries: int = 8) -> None:
+        self._max = max_entries
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, tuple[bytes, T]] = OrderedDict()
+
+    def get(self, uid: str, key: bytes) -> T | None:
+        """What was kept for ``uid`` if its names' text was ``key``."""
+        with self._lock:
+            entry = self._entries.get(uid)
+        if entry is None or entry[0] != key:
+            return None
+        return entry[1]
+
+    def put(self, uid: str, key: bytes, value: T) -> None:
+        """Keep ``value`` for ``uid``'s names ``key``."""
+        with self._lock:
+            self._entries[uid] = (key, value)
+            self._entries.move_to_end(uid)
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)

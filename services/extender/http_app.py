@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from itertools import compress
 from typing import Any, Final
 
 import orjson
@@ -33,13 +32,16 @@ import orjson
 from services.extender.api import (
     ExtenderArgs,
     decode_args,
+    decode_node_names,
+    encode_all_names_pass,
     encode_filter_result,
-    encode_host_priorities,
-    peek_pod,
+    encode_score_groups,
+    split_node_names,
 )
 from services.extender.metrics import ExtenderMetrics
-from services.extender.scheduling import Scheduling
+from services.extender.scheduling import HostScores, Scheduling
 from snapcache.errors import InvalidArgument, SnapcacheError
+from snapcache.pod_requests import PodInfo
 from snapcache.rpc_observer import REQUEST_ID_KEY, REQUEST_LOG, REQUEST_LOGGER
 from snapcache.tls import SSLContextFiles
 
@@ -103,10 +105,12 @@ class ExtenderRoutes:
         return status, content_type, answer
 
     def _answer(self, verb: str, body: bytes) -> tuple[int, str, bytes]:
-        if verb == "prioritize":
-            pod = peek_pod(body)
-            if pod is not None and not self.scheduling.wants_cache(pod):
-                return 200, _JSON, b"[]"  # every node 0, without decoding thousands of names
+        split = split_node_names(body)
+        if split is not None:
+            try:
+                return 200, _JSON, self._by_names(verb, *split)
+            except InvalidArgument:
+                pass  # not the scheduler's shape after all: decoded whole below, which says why
         try:
             args = decode_args(body)
         except SnapcacheError as exc:
@@ -115,14 +119,40 @@ class ExtenderRoutes:
         try:
             answer = self._filter(args) if verb == "filter" else self._prioritize(args)
         except Exception:  # a bug must not fail scheduling: fail open, loudly
-            log.exception("%s failed; answering fail-open", verb)
-            self.metrics.fail_open("EXTENDER_ERROR")
+            self._failed_open(verb)
             answer = (
                 encode_filter_result(args, passing=range(len(args.node_names)), failed={})
                 if verb == "filter"
-                else encode_host_priorities(args.node_names, [0] * len(args.node_names))
+                else b"[]"
             )
         return 200, _JSON, answer
+
+    def _by_names(self, verb: str, pod: PodInfo, names_text: bytes) -> bytes:
+        """A NodeNames request as the scheduler writes it: the names decoded while the matcher works."""
+
+        def names() -> list[str]:
+            return decode_node_names(names_text)
+
+        try:
+            if verb == "prioritize":
+                return _encode_scores(self.scheduling.prioritize_names(pod, names, names_key=names_text))
+            node_names, outcome = self.scheduling.filter_names(pod, names, names_key=names_text)
+            if len(outcome.passing) == len(node_names):
+                return encode_all_names_pass(names_text)
+            args = ExtenderArgs(pod=pod, node_names=tuple(node_names))
+            return encode_filter_result(args, passing=outcome.passing, failed=outcome.failed)
+        except InvalidArgument:
+            raise
+        except Exception:  # a bug must not fail scheduling: fail open, loudly
+            self._failed_open(verb)
+            if verb == "filter":
+                decode_node_names(names_text)  # the names go back to the scheduler: valid ones only
+                return encode_all_names_pass(names_text)
+            return b"[]"
+
+    def _failed_open(self, verb: str) -> None:
+        log.exception("%s failed; answering fail-open", verb)
+        self.metrics.fail_open("EXTENDER_ERROR")
 
     def get(self, path: str) -> tuple[int, str, bytes]:
         """Answer a GET: /healthz and /metrics."""
@@ -139,10 +169,13 @@ class ExtenderRoutes:
         return encode_filter_result(args, passing=outcome.passing, failed=outcome.failed)
 
     def _prioritize(self, args: ExtenderArgs) -> bytes:
-        scores = self.scheduling.prioritize(args)
-        # Only the nodes that score: the scheduler adds the listed hosts' scores, so a node left
-        # out gets 0, and thousands of zeros are not worth encoding (compress and filter run in C).
-        return encode_host_priorities(list(compress(args.node_names, scores)), list(filter(None, scores)))
+        return _encode_scores(self.scheduling.prioritize_hosts(args))
+
+
+def _encode_scores(scores: HostScores) -> bytes:
+    # Only the nodes that score: the scheduler adds the listed hosts' scores, so a node left out
+    # gets 0, and thousands of zeros are not worth encoding.
+    return encode_score_groups(scores.groups, plain=scores.plain)
 
 
 class _Handler(BaseHTTPRequestHandler):

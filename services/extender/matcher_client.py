@@ -57,26 +57,61 @@ class MatcherClient:
 
     def match(self, query: MatchQuery) -> MatchAnswer:
         """The matcher's answer, or `MatchAnswer.unknown` when it cannot answer in time."""
-        request = mpb.MatchImageCachesRequest(
-            images=query.images,
-            image_cache=query.manual_id,
-            strict=query.strict,
-            zones=query.zones,
-            validate_only=query.validate_only,
-        )
         try:
-            response = self._stub.MatchImageCaches(request, timeout=self._budget)
+            response = self._stub.MatchImageCaches(match_request(query), timeout=self._budget)
         except grpc.RpcError as exc:
-            code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-            name = code.name if code is not None else "UNKNOWN"
-            self._on_fail_open(name)
-            log.warning("matcher call failed (%s); failing open", name)
-            return MatchAnswer.unknown(f"matcher call failed: {name}")
+            return self._failed(exc)
         return answer_from_proto(response)
+
+    def start(self, query: MatchQuery) -> PendingMatch:
+        """Send the call now and return; its `result` waits (same budget, same fail-open)."""
+        return PendingMatch(
+            self, self._stub.MatchImageCaches.future(match_request(query), timeout=self._budget)
+        )
+
+    def _failed(self, error: grpc.RpcError) -> MatchAnswer:
+        code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+        name = code.name if code is not None else "UNKNOWN"
+        self._on_fail_open(name)
+        log.warning("matcher call failed (%s); failing open", name)
+        return MatchAnswer.unknown(f"matcher call failed: {name}")
 
     def close(self) -> None:
         """Close the channel."""
         self._channel.close()
+
+
+class PendingMatch:
+    """A matcher call under way (`MatcherClient.start`)."""
+
+    def __init__(self, client: MatcherClient, future: grpc.Future[mpb.MatchImageCachesResponse]) -> None:
+        self._client = client
+        self._future = future
+
+    def result(self) -> MatchAnswer:
+        """The answer, or `MatchAnswer.unknown` when the call failed or ran out of its budget."""
+        try:
+            response = self._future.result()
+        except grpc.RpcError as exc:
+            return self._client._failed(exc)
+        except grpc.FutureCancelledError:
+            return MatchAnswer.unknown("matcher call cancelled")
+        return answer_from_proto(response)
+
+    def cancel(self) -> None:
+        """Give up on the call (its answer is no longer wanted)."""
+        self._future.cancel()
+
+
+def match_request(query: MatchQuery) -> mpb.MatchImageCachesRequest:
+    """The one place a query becomes the matcher's request."""
+    return mpb.MatchImageCachesRequest(
+        images=query.images,
+        image_cache=query.manual_id,
+        strict=query.strict,
+        zones=query.zones,
+        validate_only=query.validate_only,
+    )
 
 
 def answer_from_proto(response: mpb.MatchImageCachesResponse) -> MatchAnswer:

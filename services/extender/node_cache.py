@@ -21,6 +21,7 @@ from kubernetes import client as kube_client
 from kubernetes import watch as kube_watch
 from kubernetes.client.exceptions import ApiException
 
+from services.extender.node_index import NodeIndex
 from snapcache.node_zones import zone_of
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class NodeZoneCache:
         max_retry_seconds: float = 30.0,
     ) -> None:
         self._core = kube_client.CoreV1Api(api_client)
-        self._zones: dict[str, str | None] = {}
+        self._zones = NodeIndex()
         self._synced = threading.Event()
         self._stopping = threading.Event()
         self._watch_timeout = watch_timeout_seconds
@@ -55,8 +56,8 @@ class NodeZoneCache:
         """The node's zone; None for a node without one or not (yet) known."""
         return self._zones.get(name)
 
-    def zones(self) -> Mapping[str, str | None]:
-        """The current name -> zone map (read-only for callers; replaced whole on a relist)."""
+    def zones(self) -> NodeIndex:
+        """The current name -> zone index (read-only for callers; replaced whole on a relist)."""
         return self._zones
 
     def synced(self) -> bool:
@@ -113,11 +114,11 @@ class NodeZoneCache:
         # Raw JSON through orjson: deserializing thousands of V1Node models costs seconds.
         response = self._core.list_node(_preload_content=False, _request_timeout=60)
         document = orjson.loads(response.data)  # type: ignore[attr-defined]
-        zones = {}
+        zones = NodeIndex()
         for item in document.get("items") or ():
             metadata = item.get("metadata") or {}
-            zones[metadata.get("name", "")] = zone_of(metadata.get("labels"))
-        self._zones = zones  # one reference swap: readers never see a half-built map
+            zones.set(metadata.get("name", ""), zone_of(metadata.get("labels")))
+        self._zones = zones  # one reference swap: readers never see a half-built index
         self.relists += 1
         self._synced.set()
         version = str((document.get("metadata") or {}).get("resourceVersion") or "")
@@ -147,7 +148,7 @@ class NodeZoneCache:
             if kind == "BOOKMARK" or not name:
                 continue
             if kind == "DELETED":
-                self._zones.pop(name, None)
+                self._zones.remove(name)
             else:
-                self._zones[name] = zone_of(metadata.get("labels"))
+                self._zones.set(name, zone_of(metadata.get("labels")))
         return version

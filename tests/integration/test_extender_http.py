@@ -20,6 +20,7 @@ import grpc
 import httpx
 import pytest
 
+from services.extender.node_index import NodeIndex
 from services.extender.server import ExtenderApp, ExtenderConfig
 from snapcache.grpc_server import RunningServer, ServiceBinding, create_server
 from snapcache.v1 import matcher_pb2 as mpb
@@ -115,7 +116,8 @@ def running() -> Iterator[Running]:
             socket_timeout_seconds=1.0,
         )
     )
-    app.scheduling.node_zones = lambda: ZONES  # the node cache's seam (no Kubernetes here)
+    index = NodeIndex(ZONES)
+    app.scheduling.node_zones = lambda: index  # the node cache's seam (no Kubernetes here)
     app.start()
     try:
         with httpx.Client(timeout=10) as client:
@@ -179,6 +181,54 @@ def test_prioritize_reuses_the_filters_answer_and_scores_integers(running: Runni
     # nodes that score 0 are left out (the scheduler gives a host it was not told about 0)
     scores = {h["Host"]: h["Score"] for h in running.post("prioritize", full).json()}
     assert scores == {"n1a": 3, "n1b": 3, "n2a": 10, "n2b": 10}
+
+
+def compact(document: dict[str, Any]) -> bytes:
+    """As kube-scheduler writes it (the fast path reads the pod without decoding the names)."""
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize("annotations", [{"snapcache.io/use-image-cache": "auto"}, STRICT_AUTO, {}])
+def test_the_schedulers_compact_bodies_get_the_answers_any_other_layout_gets(
+    running: Running, annotations: dict[str, str]
+) -> None:
+    running.matcher.answer = matched_in("z2", hydrating=("z1",))
+    answers: dict[str, list[Any]] = {}
+    for layout, encode in (("compact", compact), ("spaced", lambda d: json.dumps(d).encode())):
+        for verb in ("filter", "prioritize"):
+            request = with_annotations(
+                fixture(f"{verb}-request-nodenames"), annotations, uid=f"{layout}-{verb}"
+            )
+            response = running.post(verb, encode(request))
+            assert response.status_code == 200
+            answers.setdefault(verb, []).append(response.json())
+    assert answers["filter"][0] == answers["filter"][1]
+    assert answers["prioritize"][0] == answers["prioritize"][1]
+    if annotations:
+        # filter (all zones); prioritize: the cluster's zones guessed (that call is cancelled,
+        # maybe before the matcher saw it), then asked again about the one zone its names are in
+        # as a preview (the guess counted the hit); then the same spaced, zones known first
+        every = ("z1", "z2", "z3")
+        asked = [(tuple(q.zones), q.validate_only) for q in running.matcher.requests]
+        assert asked[0] == (every, False) and asked[-2:] == [(every, False), (("z2",), False)]
+        assert asked[1:-2] in ([(every, False), (("z2",), True)], [(("z2",), True)])
+        assert answers["prioritize"][0] == [{"Host": "n2a", "Score": 10}, {"Host": "n2b", "Score": 10}]
+    else:
+        assert running.matcher.requests == [] and answers["prioritize"][0] == []
+
+
+def test_a_cycle_in_the_schedulers_layout_asks_the_matcher_once(running: Running) -> None:
+    running.matcher.answer = matched_in("z2")
+    annotations = {"snapcache.io/use-image-cache": "auto"}
+    filter_request = with_annotations(fixture("filter-request-nodenames"), annotations, uid="cycle")
+    body = running.post("filter", compact(filter_request)).json()
+    assert body["NodeNames"] == filter_request["NodeNames"] and body["FailedNodes"] == {}
+    prioritize = dict(filter_request)  # the nodes that passed: all of them
+    assert running.post("prioritize", compact(prioritize)).content == (
+        b'[{"Host":"n2a","Score":10},{"Host":"n2b","Score":10}]'
+    )
+    [asked] = running.matcher.requests
+    assert sorted(asked.zones) == ["z1", "z2", "z3"] and not asked.validate_only
 
 
 def test_unannotated_pod_is_answered_without_the_matcher(running: Running) -> None:
