@@ -2,8 +2,9 @@
 
 One ``MatchImageCaches`` per opted-in pod (``pod_disks`` remembers the answer), with the pod's
 images, its manual cache id, its namespace and pull secrets, the node's zone, and
-``validate_only`` off: this is the use the match counts are for. Any failure (matcher down, slow, an error status) fails open: the pod pulls
-through the mirror as if it used no cache, and is asked about again later.
+``validate_only`` off: this is the use the match counts are for. Any failure (matcher down,
+slow, an error status) fails open: the pod pulls through the mirror as if it used no cache, and
+is asked about again later.
 """
 
 from __future__ import annotations
