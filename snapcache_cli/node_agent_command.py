@@ -141,6 +141,15 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
         "long, then pass it through (default 10; 0: never hold)",
     )
     pods.add_argument(
+        "--prefetch-containerd",
+        type=Path,
+        default=None,
+        metavar="SOCKET",
+        help="containerd's socket: pull a pod's cached images into it (with ctr, through the mirror) "
+        "as soon as their disk is attached, while the kubelet sets up the pod (needs "
+        "--containerd-hosts-dir; default: off, the kubelet's pull alone)",
+    )
+    pods.add_argument(
         "--image-cache-default",
         choices=("off", "auto"),
         default="off",
@@ -191,6 +200,7 @@ def _provisioning_options(args: argparse.Namespace) -> dict[str, Any]:
         "default_mode": args.image_cache_default,
         "disk_grace_seconds": args.disk_grace_seconds,
         "pending_wait_seconds": args.pending_wait_seconds,
+        "prefetch_containerd": args.prefetch_containerd,
         "client_security": client_security(args),
     }
 

@@ -4,7 +4,8 @@ What the issue asks to see: disks attached, bytes served from disks vs passed th
 blob that failed its digest (by source: a corrupt disk, or a registry that served bad content),
 and per-pod provisioning: how long a disk took, how many pods got one, and what failed, by reason
 (the registry's ErrorInfo reason, or MATCHER_UNAVAILABLE when the pod was left to pull unasked),
-and the manifest requests held for a disk on its way (``pending_images``), by outcome.
+the manifest requests held for a disk on its way (``pending_images``), by outcome, and the
+pre-pulls into containerd (``runtime_prefetch``), by result, with their duration.
 """
 
 from __future__ import annotations
@@ -84,6 +85,13 @@ class NodeAgentMetrics:
             "Manifest requests held while the disk of their pod's cache was on its way, by outcome: "
             "settled (attached, refused or not matched) or timeout (passed through)",
             ["outcome"],
+            registry=self.registry,
+        )
+        self.prefetch_seconds = Histogram(
+            "snapcache_node_agent_prefetch_seconds",
+            "Pulls of a pod's cached images into containerd started when its disk was attached, by result",
+            ["result"],
+            buckets=(0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
             registry=self.registry,
         )
         self.events_dropped = Counter(

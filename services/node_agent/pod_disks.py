@@ -87,6 +87,7 @@ class PodDisks:
         on_failure: Callable[[str], None] = lambda _reason: None,
         on_disks_changed: Callable[[], None] = lambda: None,
         on_pending: Callable[[frozenset[str]], None] = lambda _names: None,
+        on_ready: Callable[[PodRequest], None] = lambda _request: None,
     ) -> None:
         self._keeper = keeper
         self._matcher = matcher
@@ -98,6 +99,7 @@ class PodDisks:
         self._on_failure = on_failure
         self._on_disks_changed = on_disks_changed
         self._on_pending = on_pending
+        self._on_ready = on_ready
         self._pods: dict[str, _Pod] = {}  # uid -> what was asked and said
 
     def wanted(self) -> dict[str, str]:
@@ -179,6 +181,7 @@ class PodDisks:
             if state.said != "ready":
                 state.said = "ready"
                 self._on_accelerated()
+                self._on_ready(state.request)
                 self._events.emit(
                     pod,
                     reason=READY,

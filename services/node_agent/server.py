@@ -10,7 +10,9 @@ node: the pod watch (``kube_pods``) wakes the reconcile loop, which runs one ``P
 (matcher -> ``DiskKeeper`` -> registry, events on the pods) at each change and at least every
 ``reconcile_seconds`` (the grace period and retries are clocked there). The mirror then serves
 only this node's disks (the disk root may be shared, as the local provider's zone directory
-is) and holds the manifests of images whose disk is on its way (``pending_images``); a
+is) and holds the manifests of images whose disk is on its way (``pending_images``); with
+``prefetch_containerd`` it pulls a pod's cached images into containerd as soon as their disk
+is attached (``runtime_prefetch``), while the kubelet sets up the pod's sandbox; a
 restarted agent adopts the disks it finds there under its node's ids before the first round,
 which waits for the first full list of pods: nothing is released for want of knowing.
 """
@@ -35,11 +37,12 @@ from services.node_agent.metrics import NodeAgentMetrics
 from services.node_agent.pending_images import PendingImages
 from services.node_agent.pod_disks import PodDisks
 from services.node_agent.registry_disks import RegistryDisks
+from services.node_agent.runtime_prefetch import RuntimePrefetch
 from services.node_agent.upstream import Upstream
-from snapcache.images import DEFAULT_REGISTRY
+from snapcache.images import DEFAULT_REGISTRY, InvalidImageReference, parse_image_reference
 from snapcache.kube_clients import kube_api_client
 from snapcache.pod_events import PodEvents
-from snapcache.pod_requests import parse_default_mode
+from snapcache.pod_requests import PodRequest, parse_default_mode
 from snapcache.tls import PLAINTEXT_CHANNEL, ClientSecurity, open_channel
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,8 @@ class NodeAgentConfig:
     matcher_timeout_seconds: float = 5.0
     # a manifest of a pod's image whose disk is on its way waits this long at most, then passes through
     pending_wait_seconds: float = 10.0
+    # containerd's socket: pull a pod's cached images into it when its disk is attached (needs hosts_dir)
+    prefetch_containerd: Path | None = None
     client_security: ClientSecurity = PLAINTEXT_CHANNEL  # TLS/token to the matcher and the registry
 
     @property
@@ -111,6 +116,8 @@ class NodeAgentConfig:
                 self.reconcile_seconds,
                 self.matcher_timeout_seconds,
             )
+            if self.prefetch_containerd is not None and self.hosts_dir is None:
+                raise ValueError("prefetching into containerd needs containerd's hosts directory")
             if self.pending_wait_seconds < 0:
                 raise ValueError("pending_wait_seconds must be >= 0")
             if min(positive) <= 0:
@@ -168,6 +175,7 @@ class NodeAgentApp:
         self.pod_disks: PodDisks | None = None
         self._matcher: MatcherLookup | None = None
         self._registry_channel: grpc.Channel | None = None
+        self.prefetch: RuntimePrefetch | None = None
         if config.provisioning:
             self._kube = kube_api_client(
                 kubeconfig=config.kubeconfig, in_cluster=config.in_cluster, retries=3
@@ -211,6 +219,14 @@ class NodeAgentApp:
             thread_name="node-agent-pod-events",
             on_dropped=self.metrics.events_dropped.inc,
         )
+        if config.prefetch_containerd is not None and config.hosts_dir is not None:
+            self.prefetch = RuntimePrefetch(
+                address=config.prefetch_containerd,
+                hosts_dir=config.hosts_dir,
+                on_done=lambda _image, ok, seconds: self.metrics.prefetch_seconds.labels(
+                    "ok" if ok else "failed"
+                ).observe(seconds),
+            )
         self.pod_disks = PodDisks(
             keeper=self.keeper,
             matcher=self._matcher,
@@ -221,6 +237,7 @@ class NodeAgentApp:
             on_failure=self.metrics.provisioning_failure,
             on_disks_changed=self._disks_changed,
             on_pending=self.pending.publish,
+            on_ready=self._prefetch,
         )
         self.pods = NodePods(self._kube, node=config.node_name, on_change=self._wake.set)
 
@@ -257,6 +274,19 @@ class NodeAgentApp:
             )
             self._provisioner.start()
         return self
+
+    def _prefetch(self, request: PodRequest) -> None:
+        """Pre-pull the pod's images that its disk holds (the others the kubelet pulls as usual)."""
+        if self.prefetch is None:
+            return
+        cached = []
+        for image in request.images:
+            try:
+                if self.catalogue.manifests(parse_image_reference(image)):
+                    cached.append(image)
+            except InvalidImageReference:
+                continue
+        self.prefetch.submit(cached)
 
     def _disks_changed(self) -> None:
         # before the pods are told: a pod told its disk is ready finds it served
@@ -309,6 +339,8 @@ class NodeAgentApp:
             self._provisioner.join(timeout=15)
         if self.events is not None:
             self.events.stop()
+        if self.prefetch is not None:
+            self.prefetch.close()
         if self._matcher is not None:
             self._matcher.close()
         if self._registry_channel is not None:

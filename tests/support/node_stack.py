@@ -147,9 +147,9 @@ class NodeStack:
     workdir: Path
     namespace: str = field(default="")
 
-    def reference(self, repository_tag: str) -> str:
-        """The full image reference pods use."""
-        return f"{self.image_host}/{repository_tag}"
+    def reference(self, repository_tag: str, *, host: str = "") -> str:
+        """The full image reference pods use (``host``: another registry host than ``image_host``)."""
+        return f"{host or self.image_host}/{repository_tag}"
 
     def upstream_blob_gets(self, since: int, repository: str) -> list[str]:
         """Blob downloads (GET, not HEAD) the upstream served after log offset ``since``."""
@@ -175,7 +175,7 @@ class NodeStack:
         return sorted(p.name for p in self.disk_root.iterdir() if not p.name.startswith("."))
 
     def pod(
-        self, name: str, repository_tag: str, *, annotations: Mapping[str, str] | None = None
+        self, name: str, repository_tag: str, *, annotations: Mapping[str, str] | None = None, host: str = ""
     ) -> k8s.V1Pod:
         """Create a pod of one container running the image; returns it as created."""
         body = k8s.V1Pod(
@@ -183,7 +183,9 @@ class NodeStack:
             spec=k8s.V1PodSpec(
                 containers=[
                     k8s.V1Container(
-                        name="app", image=self.reference(repository_tag), image_pull_policy="IfNotPresent"
+                        name="app",
+                        image=self.reference(repository_tag, host=host),
+                        image_pull_policy="Always",  # a pull each time: the runtime asks for it, not its cache
                     )
                 ],
                 termination_grace_period_seconds=1,
@@ -227,11 +229,15 @@ class NodeStack:
         return [(e.reason, e.source.component if e.source else "", e.message) for e in listed]
 
     def delete_pod(self, name: str, timeout: float = 60.0) -> None:
-        """Delete the pod and wait until it is gone from the API and its containers from containerd."""
+        """Delete the pod and wait until it is gone: the kubelet removes it once its containers are stopped.
+
+        Not a forced delete (grace 0): that removes the object at once, while the kubelet may still
+        be syncing the pod (and pull its image again, after a test has removed it).
+        """
         api, core = self.node.core()
         with api:
             with contextlib.suppress(k8s.ApiException):
-                core.delete_namespaced_pod(name, self.namespace, grace_period_seconds=0)
+                core.delete_namespaced_pod(name, self.namespace)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 try:
@@ -244,7 +250,7 @@ class NodeStack:
             else:
                 pytest.fail(f"pod {name} not deleted after {timeout:.0f} s")
 
-    def forget_images(self, *repository_tags: str) -> None:
+    def forget_images(self, *repository_tags: str, host: str = "") -> None:
         """Remove stopped containers, then the images, their content and snapshots: the next pod pulls.
 
         A container keeps its image's snapshots, and containerd skips fetching a layer whose
@@ -262,7 +268,7 @@ class NodeStack:
             if stopped:
                 node.ctr("containers", "rm", *stopped, check=False)
             for repository_tag in repository_tags:
-                node.remove_image(self.reference(repository_tag))
+                node.remove_image(self.reference(repository_tag, host=host))
             snapshots = set(node.ctr("snapshots", "ls").stdout.split())
             if not any(chain_ids(self.images[r]) & snapshots for r in repository_tags):
                 return
