@@ -15,6 +15,16 @@ common name or a subject alternative name is NAME (mutual TLS). Tokens are kept 
 digests, so neither a lookup nor a log line ever holds one; the file is read again when it
 changes on disk (a bad edit keeps the previous version and is logged, a bad file at start-up
 stops start-up).
+
+In a cluster a bearer token the file does not list may be a Kubernetes ServiceAccount token,
+checked by a `TokenReview` (`snapcache.token_review`: the TokenReview API). The identity it
+proves gets its role from the same file: ``user:NAME,LABEL,ROLE`` for a Kubernetes user name
+(``user:system:serviceaccount:NAMESPACE:NAME``), ``group:NAME,LABEL,ROLE`` for a group
+(``group:system:serviceaccounts:NAMESPACE``, every ServiceAccount of a namespace). A user line
+wins over group lines; among groups the highest role wins. Such a caller's principal is its
+Kubernetes user name (LABEL is for the file's readers). A token the API does not accept is
+``UNAUTHENTICATED``; an identity the file gives no role is ``PERMISSION_DENIED``; an API that
+cannot answer is ``UNAVAILABLE`` (retry).
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from snapcache import errors
 
@@ -75,6 +86,8 @@ EXEMPTABLE_SERVICES: Mapping[str, frozenset[str]] = {
 DEFAULT_EXEMPT = ("health", "reflection")
 
 CERTIFICATE_PREFIX = "cert:"
+KUBE_USER_PREFIX = "user:"
+KUBE_GROUP_PREFIX = "group:"
 
 
 def exempt_services(names: tuple[str, ...] | list[str]) -> frozenset[str]:
@@ -108,6 +121,30 @@ class Identities:
 
     tokens: Mapping[str, Principal] = field(default_factory=dict)
     certificates: Mapping[str, Principal] = field(default_factory=dict)
+    kube_users: Mapping[str, Principal] = field(default_factory=dict)  # Kubernetes user name ->
+    kube_groups: Mapping[str, Principal] = field(default_factory=dict)  # Kubernetes group ->
+
+
+@dataclass(frozen=True, slots=True)
+class KubeIdentity:
+    """Who the Kubernetes API says a token belongs to."""
+
+    username: str
+    groups: tuple[str, ...] = ()
+
+
+class TokenReview(Protocol):
+    """Checks tokens with the Kubernetes API (`snapcache.token_review.TokenReviewer`)."""
+
+    def cached(self, token: str) -> KubeIdentity | None:
+        """The identity of a token accepted recently, without asking the API (None: not known)."""
+
+    def review(self, token: str) -> KubeIdentity | None:
+        """Ask the API: the identity, or None for a token it does not accept; `errors.Unavailable`."""
+
+
+class ReviewNeeded(Exception):
+    """`AccessPolicy.authorize(remote=False)` needs to ask the Kubernetes API (a blocking call)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +167,7 @@ def parse_identities(text: str, *, source: str = "identity file") -> Identities:
     """Read ``token,user,role`` lines; errors name the line, never the token."""
     tokens: dict[str, Principal] = {}
     certificates: dict[str, Principal] = {}
+    named: dict[str, dict[str, Principal]] = {KUBE_USER_PREFIX: {}, KUBE_GROUP_PREFIX: {}}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -148,11 +186,23 @@ def parse_identities(text: str, *, source: str = "identity file") -> Identities:
                 raise ValueError(f"{source} line {number}: certificate name empty or repeated")
             certificates[name] = principal
             continue
+        prefix = next((p for p in named if secret.startswith(p)), None)
+        if prefix is not None:
+            name = secret.removeprefix(prefix)
+            if not name or name in named[prefix]:
+                raise ValueError(f"{source} line {number}: Kubernetes {prefix[:-1]} name empty or repeated")
+            named[prefix][name] = principal
+            continue
         digest = token_digest(secret)
         if digest in tokens:
             raise ValueError(f"{source} line {number}: token repeated (of user {tokens[digest].user!r})")
         tokens[digest] = principal
-    return Identities(tokens=tokens, certificates=certificates)
+    return Identities(
+        tokens=tokens,
+        certificates=certificates,
+        kube_users=named[KUBE_USER_PREFIX],
+        kube_groups=named[KUBE_GROUP_PREFIX],
+    )
 
 
 class IdentityFile:
@@ -200,16 +250,23 @@ class AccessPolicy:
     certificate_role: Role | None = None
     exempt: frozenset[str] = field(default_factory=lambda: exempt_services(DEFAULT_EXEMPT))
     method_roles: Mapping[str, Role] = field(default_factory=lambda: METHOD_ROLES)
+    # Kubernetes tokens for bearer tokens the identity file does not list (None: refused)
+    token_review: TokenReview | None = None
 
     def is_exempt(self, method: str) -> bool:
         """True for methods of services anyone may call."""
         return _service_of(method) in self.exempt
 
-    def identify(self, caller: Caller) -> Principal:
-        """The caller's principal: its token if it sent one, else its certificate."""
+    def identify(self, caller: Caller, *, remote: bool = True) -> Principal:
+        """The caller's principal: its token if it sent one, else its certificate.
+
+        ``remote=False``: raise `ReviewNeeded` rather than ask the Kubernetes API.
+        """
         current = self.identities()
         if caller.token is not None:
             principal = current.tokens.get(token_digest(caller.token)) if caller.token else None
+            if principal is None and caller.token and self.token_review is not None:
+                return self._reviewed(caller.token, current, remote=remote)
             if principal is None:
                 raise errors.Unauthenticated(
                     reason="TOKEN_INVALID", message="the bearer token is not valid for this server"
@@ -231,11 +288,29 @@ class AccessPolicy:
             message="this server needs a bearer token (authorization: Bearer TOKEN) or a client certificate",
         )
 
-    def authorize(self, method: str, caller: Caller) -> Principal | None:
-        """The principal allowed to make this call (None for an exempt method), or raise."""
+    def _reviewed(self, token: str, current: Identities, *, remote: bool) -> Principal:
+        assert self.token_review is not None
+        identity = self.token_review.cached(token)
+        if identity is None:
+            if not remote:
+                raise ReviewNeeded
+            identity = self.token_review.review(token)
+        if identity is None:
+            raise errors.Unauthenticated(
+                reason="TOKEN_INVALID",
+                message="the bearer token is not valid for this server (nor accepted by the Kubernetes API)",
+            )
+        return kube_principal(identity, current)
+
+    def authorize(self, method: str, caller: Caller, *, remote: bool = True) -> Principal | None:
+        """The principal allowed to make this call (None for an exempt method), or raise.
+
+        ``remote=False``: raise `ReviewNeeded` where the Kubernetes API would have to be asked
+        (an event loop then asks again from a thread).
+        """
         if self.is_exempt(method):
             return None
-        principal = self.identify(caller)
+        principal = self.identify(caller, remote=remote)
         required = self.method_roles.get(method)
         if required is None:
             raise errors.PermissionDenied(
@@ -255,3 +330,18 @@ class AccessPolicy:
                 },
             )
         return principal
+
+
+def kube_principal(identity: KubeIdentity, identities: Identities) -> Principal:
+    """The principal of a Kubernetes identity: its user line, else its best group line; or refuse."""
+    named = identities.kube_users.get(identity.username)
+    if named is not None:
+        return Principal(user=identity.username, role=named.role)
+    roles = [p.role for group in identity.groups if (p := identities.kube_groups.get(group)) is not None]
+    if roles:
+        return Principal(user=identity.username, role=max(roles))
+    raise errors.PermissionDenied(
+        reason="IDENTITY_WITHOUT_ROLE",
+        message=f"Kubernetes user {identity.username!r} has no role on this server",
+        metadata={"user": identity.username},
+    )

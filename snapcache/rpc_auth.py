@@ -6,10 +6,15 @@ answered through the one error table (`snapcache.rpc_errors.to_status`), so it i
 ``UNAUTHENTICATED`` or ``PERMISSION_DENIED`` with an ErrorInfo reason like any other error. The
 check runs inside the handler, where the call's TLS peer is known, and before the servicer sees
 the request. Methods of exempt services (health, reflection by default) are not wrapped at all.
+
+A token only the Kubernetes API can check (`snapcache.token_review`) is a blocking HTTP call the
+first time it is seen: the thread-pool server makes it on the call's thread; the grpc.aio server
+makes it on a thread of the loop's default executor, so the loop keeps answering other calls.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -19,7 +24,7 @@ import grpc
 from grpc_status import rpc_status
 
 from snapcache import errors
-from snapcache.access import AccessPolicy, Caller
+from snapcache.access import AccessPolicy, Caller, ReviewNeeded
 from snapcache.rpc_errors import to_status
 from snapcache.rpc_observer import principal_user
 
@@ -150,7 +155,10 @@ class AioAuthInterceptor(grpc.aio.ServerInterceptor):
         async def check(context: grpc.aio.ServicerContext[Any, Any]) -> None:
             caller = _caller(metadata, context, read_certificate=self._certificates)
             try:
-                principal = self._policy.authorize(method, caller)
+                try:
+                    principal = self._policy.authorize(method, caller, remote=False)
+                except ReviewNeeded:  # a blocking call to the Kubernetes API: off the event loop
+                    principal = await asyncio.to_thread(self._policy.authorize, method, caller)
             except errors.SnapcacheError as exc:
                 _log_refusal(method, exc)
                 status = rpc_status.to_status(to_status(exc))

@@ -8,8 +8,10 @@ last and asks the matcher at its real address the same way.
 
 Security: both gRPC servers take the same ``--tls-*`` and ``--token-file`` options; the matcher
 and the extender reach the registry and the matcher with the global client options
-(``--tls-ca``, ``--client-cert``, ``--token``...), as separate pods would. gRPC in plaintext is
-served on loopback by default and elsewhere only with ``--plaintext``, so exposing an
+(``--tls-ca``, ``--client-cert``, ``--token``...), as separate pods would. With ``--token-review``
+bearer tokens the file does not list are checked as Kubernetes ServiceAccount tokens
+(`snapcache.token_review`), and the file's ``user:``/``group:`` lines give them roles. gRPC in
+plaintext is served on loopback by default and elsewhere only with ``--plaintext``, so exposing an
 unencrypted API is a choice someone wrote down. The extender serves HTTPS with the same
 ``--tls-*`` files (kube-scheduler's ``enableHTTPS``); its caller, the scheduler, sends no token.
 """
@@ -44,9 +46,11 @@ from snapcache.access import (
     parse_role,
 )
 from snapcache.grpc_server import PLAINTEXT, ServerSecurity
+from snapcache.kube_clients import kube_api_client
 from snapcache.metrics_endpoint import MetricsEndpoint
 from snapcache.rpc_observer import REQUEST_LOG
 from snapcache.tls import PLAINTEXT_CHANNEL, ClientSecurity, ServerTls
+from snapcache.token_review import DEFAULT_CACHE_SECONDS, TokenReviewer
 from snapcache_cli.client import CommandFailed, client_security
 
 log = logging.getLogger(__name__)
@@ -494,6 +498,28 @@ def _add_security_options(serve: argparse.ArgumentParser) -> None:
         "'authorization: Bearer TOKEN'; read again when it changes (default: no authentication)",
     )
     group.add_argument(
+        "--token-review",
+        action="store_true",
+        help="also accept Kubernetes ServiceAccount tokens, checked with the TokenReview API through "
+        "--kubeconfig or --in-cluster (needs 'create tokenreviews'); --token-file gives them roles "
+        "with user:system:serviceaccount:NAMESPACE:NAME,LABEL,ROLE or group:GROUP,LABEL,ROLE lines",
+    )
+    group.add_argument(
+        "--token-review-audience",
+        action="append",
+        default=None,
+        metavar="AUDIENCE",
+        help="accept only tokens issued for this audience (repeatable; default: the API server's own)",
+    )
+    group.add_argument(
+        "--token-review-cache-seconds",
+        type=float,
+        default=DEFAULT_CACHE_SECONDS,
+        metavar="S",
+        help="remember an accepted token this long, so a revoked one works at most this long "
+        "(default %(default)s; refusals and failures are never remembered)",
+    )
+    group.add_argument(
         "--auth-exempt",
         default=",".join(DEFAULT_EXEMPT),
         metavar="SERVICES",
@@ -540,6 +566,12 @@ def server_security(args: argparse.Namespace, *, addresses: Sequence[str]) -> Se
             )
     if args.tls_client_role and args.tls_client_ca is None:
         raise CommandFailed("--tls-client-role needs --tls-client-ca", exit_code=2)
+    reviewing = bool(args.token_review)
+    if reviewing and args.token_file is None:
+        raise CommandFailed(
+            "--token-review needs --token-file: its user: and group: lines give Kubernetes identities roles",
+            exit_code=2,
+        )
     access: AccessPolicy | None = None
     try:
         if tls is not None:
@@ -550,12 +582,40 @@ def server_security(args: argparse.Namespace, *, addresses: Sequence[str]) -> Se
                 IdentityFile(args.token_file.expanduser()) if args.token_file is not None else Identities,
                 certificate_role=parse_role(args.tls_client_role) if args.tls_client_role else None,
                 exempt=exempt_services(exempt),
+                token_review=token_reviewer(args) if reviewing else None,
             )
     except OSError as exc:
         raise CommandFailed(f"cannot read {exc.filename}: {exc.strerror}", exit_code=2) from exc
     except ValueError as exc:
         raise CommandFailed(f"invalid security configuration: {exc}", exit_code=2) from exc
     return ServerSecurity(tls=tls, access=access)
+
+
+def kube_access(args: argparse.Namespace) -> tuple[Path | None, bool]:
+    """(kubeconfig, in-cluster) from --kubeconfig / --in-cluster, else $SNAPCACHE_KUBECONFIG /
+    $SNAPCACHE_KUBE_IN_CLUSTER, as every component of ``serve`` reads them."""
+    kubeconfig = args.kubeconfig
+    if kubeconfig is None and not args.in_cluster and os.environ.get("SNAPCACHE_KUBECONFIG"):
+        kubeconfig = Path(os.environ["SNAPCACHE_KUBECONFIG"])
+    in_cluster = args.in_cluster or (
+        kubeconfig is None
+        and os.environ.get("SNAPCACHE_KUBE_IN_CLUSTER", "").strip().lower() in ("1", "true", "yes")
+    )
+    return (kubeconfig.expanduser().resolve() if kubeconfig is not None else None), in_cluster
+
+
+def token_reviewer(args: argparse.Namespace) -> TokenReviewer:
+    """The TokenReview client of --token-review; ValueError when there is no Kubernetes access."""
+    kubeconfig, in_cluster = kube_access(args)
+    if kubeconfig is None and not in_cluster:
+        raise ValueError("--token-review needs Kubernetes access: --kubeconfig or --in-cluster")
+    if args.token_review_cache_seconds < 0:
+        raise ValueError("--token-review-cache-seconds must not be negative")
+    return TokenReviewer(
+        kube_api_client(kubeconfig=kubeconfig, in_cluster=in_cluster),
+        audiences=tuple(args.token_review_audience or ()),
+        cache_seconds=args.token_review_cache_seconds,
+    )
 
 
 def internal_client_security(args: argparse.Namespace, security: ServerSecurity) -> ClientSecurity:
@@ -601,20 +661,14 @@ def registry_config(args: argparse.Namespace) -> RegistryConfig:
 
 def extender_component(args: argparse.Namespace, matcher_address: Callable[[], str]) -> ExtenderComponent:
     """The extender from ``serve`` options; Kubernetes access from --kubeconfig / --in-cluster."""
-    kubeconfig = args.kubeconfig
-    if kubeconfig is None and not args.in_cluster and os.environ.get("SNAPCACHE_KUBECONFIG"):
-        kubeconfig = Path(os.environ["SNAPCACHE_KUBECONFIG"])
-    in_cluster = args.in_cluster or (
-        kubeconfig is None
-        and os.environ.get("SNAPCACHE_KUBE_IN_CLUSTER", "").strip().lower() in ("1", "true", "yes")
-    )
+    kubeconfig, in_cluster = kube_access(args)
     if args.extender_listen == "off":
         raise CommandFailed("--only extender needs an --extender-listen address, not 'off'", exit_code=2)
     return ExtenderComponent(
         listen=args.extender_listen,
         matcher=matcher_address,
         default_mode=args.extender_default,
-        kubeconfig=kubeconfig.expanduser().resolve() if kubeconfig is not None else None,
+        kubeconfig=kubeconfig,
         in_cluster=in_cluster,
     )
 

@@ -132,8 +132,13 @@ class Access:
 # What each component does with the Kubernetes API (allowed), and what it must be refused.
 ACCESS: dict[str, tuple[list[Access], list[Access]]] = {
     "registry": (
-        [Access("get", "secrets", namespace=ELSEWHERE), Access("get", "secrets", namespace=HOME)],
         [
+            Access("get", "secrets", namespace=ELSEWHERE),
+            Access("get", "secrets", namespace=HOME),
+            Access("create", "tokenreviews", group="authentication.k8s.io"),  # serve --token-review
+        ],
+        [
+            Access("create", "subjectaccessreviews", group="authorization.k8s.io"),
             Access("list", "secrets", namespace=ELSEWHERE),
             Access("list", "secrets"),
             Access("watch", "secrets", namespace=ELSEWHERE),

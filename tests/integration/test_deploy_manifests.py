@@ -248,6 +248,21 @@ def test_matcher_gets_no_kubernetes_token(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_registry_may_review_tokens(overlay: str) -> None:
+    """`serve --token-review` needs ``create tokenreviews``: the registry has it, nobody else does."""
+    objects = render(overlay)
+    review = {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}
+    granted = {
+        role["metadata"]["name"]
+        for role in objects
+        if role["kind"] in ("ClusterRole", "Role")
+        and any("tokenreviews" in rule.get("resources", ()) for rule in role.get("rules", ()))
+    }
+    assert granted == {"snapcache-registry"}
+    assert review in find(objects, "ClusterRole", "snapcache-registry")["rules"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_scheduler_config_matches_the_extender_contract(overlay: str) -> None:
     objects = render(overlay)
     config_map = find(objects, "ConfigMap", "snapcache-scheduler-config")
