@@ -80,6 +80,12 @@ class DiskKeeper:
         with self._lock:
             return frozenset(self._disks)
 
+    @property
+    def cache_ids(self) -> frozenset[str]:
+        """The caches this node holds a disk of."""
+        with self._lock:
+            return frozenset(d.cache_id for d in self._disks.values())
+
     def disk_of(self, cache_id: str) -> str | None:
         """The id of this node's disk of ``cache_id``, if it holds one."""
         with self._lock:

@@ -12,6 +12,8 @@ GET/HEAD, 400 for a name, tag or digest the grammar refuses), then each source i
 - **waiting**: a manifest of a repository whose disk a pod on this node is about to get
   (``pending_images``) is held until that disk is attached or refused, at most
   ``pending_wait_seconds``, so the runtime racing the agent does not pull it from upstream.
+- **private**: a repository a held cache recorded as private is served from a disk only to a
+  request whose ``Authorization`` the registry accepts (``pull_authority``); others pass through.
 - **upstream**: everything else, streamed from the real registry (``upstream``); full blob
   bodies are checked against their digest the same way, manifests before they are sent. The
   /v2/ probe is the upstream's answer too (its auth challenge, for clients that authenticate),
@@ -45,6 +47,7 @@ import httpx
 from services.node_agent.disk_catalogue import MAX_MANIFEST_BYTES, DiskCatalogue, open_regular
 from services.node_agent.metrics import NodeAgentMetrics
 from services.node_agent.pending_images import PendingImages
+from services.node_agent.pull_authority import PullAuthority
 from services.node_agent.routing import Kind, MirrorRequest, Refusal, Source, accepts, route
 from services.node_agent.upstream import RELAYED_RESPONSE_HEADERS, Upstream, UpstreamUnavailable
 from services.node_agent.verification import DigestMismatch, digest_of, relay_verified
@@ -143,6 +146,7 @@ class Mirror:
         check_whole_below_bytes: int = _CHUNK_BYTES,
         pending: PendingImages | None = None,
         pending_wait_seconds: float = 0.0,
+        authority: PullAuthority | None = None,
     ) -> None:
         self.catalogue = catalogue
         self.upstream = upstream
@@ -151,6 +155,7 @@ class Mirror:
         self._check_whole_below = check_whole_below_bytes
         self._pending = pending
         self._pending_wait = pending_wait_seconds
+        self._authority = authority
 
     def handle(self, method: str, target: str, headers: Mapping[str, str], out: Responder) -> None:
         """Answer ``method target``; ``headers`` with lower-case names."""
@@ -180,6 +185,13 @@ class Mirror:
     ) -> bool:
         image = request.image
         assert image is not None
+        if self._authority is not None and image.name in self._authority.private:
+            section = "manifests" if request.kind is Kind.MANIFEST else "blobs"
+            path = f"{image.repository}/{section}/{request.reference}"
+            allowed = self._authority.allows(image, path, headers.get("authorization", ""))
+            self.metrics.private_check(allowed)
+            if not allowed:
+                return False  # the registry answers it: its challenge, or its refusal
         if request.kind is Kind.MANIFEST:
             return self._manifest_from_disk(image, method, headers.get("accept", ""), out)
         return self._blob_from_disk(image, method, headers.get("range", ""), out)

@@ -87,6 +87,13 @@ class NodeAgentMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self._private_checks = Counter(
+            "snapcache_node_agent_private_checks",
+            "Requests for a private image on a disk, by whether its registry allowed the client's "
+            "credentials (refused ones pass through to the registry)",
+            ["result"],
+            registry=self.registry,
+        )
         self.prefetch_seconds = Histogram(
             "snapcache_node_agent_prefetch_seconds",
             "Pulls of a pod's cached images into containerd started when its disk was attached, by result",
@@ -115,6 +122,10 @@ class NodeAgentMetrics:
     def provisioning_failure(self, reason: str) -> None:
         """Count one disk a pod wanted and did not get."""
         self._failures.labels(reason or "UNKNOWN").inc()
+
+    def private_check(self, allowed: bool) -> None:
+        """Count one request for a private image on a disk."""
+        self._private_checks.labels("allowed" if allowed else "refused").inc()
 
     def pending_wait(self, settled: bool) -> None:
         """Count one manifest request held for a disk on its way."""

@@ -4,6 +4,8 @@
 ``disk_plans``), so a retried call, or one an agent restarted in the middle of, lands on the same
 disk. A refused call leaves as ``DiskRefusal`` with the gRPC code, the ErrorInfo reason and the
 registry's message (``SNAPSHOT_NOT_IN_ZONE``, ``ZONE_CAPACITY_EXHAUSTED``, a cache not READY).
+``GetImageCache`` tells which of a held cache's images are private (``requires_credentials``):
+the mirror serves those from the disk only to a client the registry itself lets pull them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import grpc
 
 from services.node_agent.disk_keeper import DiskRefusal
 from snapcache.cache_names import cache_name
+from snapcache.images import InvalidImageReference, parse_image_reference
 from snapcache.rpc_errors import error_info
 from snapcache.v1 import cache_registry_pb2 as api
 from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
@@ -53,6 +56,27 @@ class RegistryDisks:
         except grpc.RpcError as exc:
             raise _refusal(exc) from None
         return str(disk.location)
+
+    def private_repositories(self, cache_id: str) -> frozenset[str]:
+        """``registry/repository`` of the cache's images its registry would not serve anonymously.
+
+        Raises ``DiskRefusal`` when the registry cannot say (the caller then treats every
+        repository on the disk as private: authorization is never widened for want of knowing).
+        """
+        try:
+            cache = self._stub.GetImageCache(
+                api.GetImageCacheRequest(name=cache_name(cache_id)), timeout=self._timeout
+            )
+        except grpc.RpcError as exc:
+            raise _refusal(exc) from None
+        names = set()
+        for image in cache.cached_images:
+            if image.requires_credentials:
+                try:
+                    names.add(parse_image_reference(image.normalized_image or image.image).name)
+                except InvalidImageReference:
+                    continue
+        return frozenset(names)
 
     def release(self, *, cache_id: str, disk_id: str) -> bool:
         """Release the disk; ``False`` if it was already gone."""

@@ -12,7 +12,9 @@ node: the pod watch (``kube_pods``) wakes the reconcile loop, which runs one ``P
 only this node's disks (the disk root may be shared, as the local provider's zone directory
 is) and holds the manifests of images whose disk is on its way (``pending_images``); with
 ``prefetch_containerd`` it pulls a pod's cached images into containerd as soon as their disk
-is attached (``runtime_prefetch``), while the kubelet sets up the pod's sandbox; a
+is attached (``runtime_prefetch``), while the kubelet sets up the pod's sandbox; the images
+the registry recorded as private are served from the disks only to clients their own registry
+lets pull them (``pull_authority``); a
 restarted agent adopts the disks it finds there under its node's ids before the first round,
 which waits for the first full list of pods: nothing is released for want of knowing.
 """
@@ -28,7 +30,7 @@ import grpc
 
 from services.node_agent.containerd_hosts import write_hosts_files
 from services.node_agent.disk_catalogue import DiskCatalogue
-from services.node_agent.disk_keeper import DiskKeeper
+from services.node_agent.disk_keeper import DiskKeeper, DiskRefusal
 from services.node_agent.hosts_toml import hosts_files
 from services.node_agent.http_app import Mirror, MirrorHTTPServer, serve_in_thread
 from services.node_agent.kube_pods import NodePods, node_zone
@@ -36,6 +38,7 @@ from services.node_agent.matcher_lookup import MatcherLookup
 from services.node_agent.metrics import NodeAgentMetrics
 from services.node_agent.pending_images import PendingImages
 from services.node_agent.pod_disks import PodDisks
+from services.node_agent.pull_authority import PullAuthority
 from services.node_agent.registry_disks import RegistryDisks
 from services.node_agent.runtime_prefetch import RuntimePrefetch
 from services.node_agent.upstream import Upstream
@@ -140,12 +143,11 @@ class NodeAgentApp:
         config.validate()
         self.config = config
         self.keeper: DiskKeeper | None = None
+        self._vetted: frozenset[str] = frozenset()  # held disks whose private images are known
         self.catalogue = DiskCatalogue(
             config.disk_root,
             on_bad=lambda _disk, _digest, _why: self.metrics.digest_failure("disk"),
-            accept=(lambda name: self.keeper is not None and name in self.keeper.disk_ids)
-            if config.provisioning
-            else None,
+            accept=(lambda name: name in self._vetted) if config.provisioning else None,
         )
         self.metrics = NodeAgentMetrics(
             disks=lambda: len(self.catalogue.disk_ids), bad_blobs=lambda: self.catalogue.bad_count
@@ -154,6 +156,8 @@ class NodeAgentApp:
             plain_http_registries=config.upstream_plain_http, timeout_seconds=config.upstream_timeout_seconds
         )
         self.pending = PendingImages()
+        # private images on disks: only in provisioning mode does the agent know (from the registry)
+        self.authority = PullAuthority(self.upstream.allows) if config.provisioning else None
         self.mirror = Mirror(
             catalogue=self.catalogue,
             upstream=self.upstream,
@@ -161,6 +165,7 @@ class NodeAgentApp:
             default_registry=config.default_registry,
             pending=self.pending if config.provisioning else None,
             pending_wait_seconds=config.pending_wait_seconds,
+            authority=self.authority,
         )
         self._server: MirrorHTTPServer | None = None
         self._stop = threading.Event()
@@ -175,6 +180,8 @@ class NodeAgentApp:
         self.pod_disks: PodDisks | None = None
         self._matcher: MatcherLookup | None = None
         self._registry_channel: grpc.Channel | None = None
+        self._registry_disks: RegistryDisks | None = None
+        self._private_by_cache: dict[str, frozenset[str]] = {}
         self.prefetch: RuntimePrefetch | None = None
         if config.provisioning:
             self._kube = kube_api_client(
@@ -188,8 +195,9 @@ class NodeAgentApp:
             if not self.zone:
                 raise ValueError(f"node {config.node_name} has no zone label; give the zone (--zone)")
         self._registry_channel = open_channel(config.registry_target, config.client_security)
+        self._registry_disks = RegistryDisks(self._registry_channel, holder=config.node_name)
         self.keeper = DiskKeeper(
-            registry=RegistryDisks(self._registry_channel, holder=config.node_name),
+            registry=self._registry_disks,
             node=config.node_name,
             zone=self.zone,
             grace_seconds=config.disk_grace_seconds,
@@ -204,6 +212,7 @@ class NodeAgentApp:
         except OSError:
             names = []
         adopted = self.keeper.recover(names)
+        self._update_private()
         if adopted:
             log.info(
                 "adopted %d disk(s) of this node found under %s: %s", len(adopted), config.disk_root, adopted
@@ -289,9 +298,32 @@ class NodeAgentApp:
         self.prefetch.submit(cached)
 
     def _disks_changed(self) -> None:
-        # before the pods are told: a pod told its disk is ready finds it served
+        # before the pods are told: a pod told its disk is ready finds it served, and its private
+        # images served only to clients their registry allows
+        self._update_private()
         if self.catalogue.refresh():
             self.write_hosts()
+
+    def _update_private(self) -> None:
+        """Learn from the registry which images of each held cache are private; vet its disk.
+
+        A disk is served only once this is known (``_vetted``): until then its pods pull as they
+        would without it, and the registry is asked again at the next round.
+        """
+        if self.authority is None or self.keeper is None or self._registry_disks is None:
+            return
+        held = self.keeper.cache_ids
+        self._private_by_cache = {c: n for c, n in self._private_by_cache.items() if c in held}
+        for cache_id in held - self._private_by_cache.keys():
+            try:
+                self._private_by_cache[cache_id] = self._registry_disks.private_repositories(cache_id)
+            except DiskRefusal as refusal:
+                log.warning(
+                    "cannot tell which images of %s are private (%s): its disk waits", cache_id, refusal
+                )
+        self.authority.set_private(frozenset().union(*self._private_by_cache.values()))
+        disks = (self.keeper.disk_of(cache_id) for cache_id in self._private_by_cache)
+        self._vetted = frozenset(disk for disk in disks if disk is not None)
 
     def _provision_loop(self) -> None:
         assert self.pods is not None and self.pod_disks is not None
@@ -304,6 +336,8 @@ class NodeAgentApp:
                 continue
             try:
                 self.pod_disks.round(self.pods.pods())
+                if self.keeper is not None and self.keeper.cache_ids - self._private_by_cache.keys():
+                    self._disks_changed()  # a cache whose private images are not known yet
             except Exception:  # the next round starts over from the pods and the disks held
                 log.exception("provisioning round failed")
 

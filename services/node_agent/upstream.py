@@ -49,6 +49,16 @@ RELAYED_RESPONSE_HEADERS: Final = (
 )
 
 
+MANIFEST_TYPES: Final = ", ".join(
+    (
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    )
+)
+
+
 class UpstreamUnavailable(Exception):
     """The registry could not be reached (connection failed or timed out)."""
 
@@ -123,6 +133,25 @@ class Upstream:
                 return
             finally:
                 response.close()
+
+    def allows(self, registry: str, path: str, authorization: str) -> bool:
+        """Does ``registry`` answer ``HEAD /v2/<path>`` with 2xx to this ``Authorization``?
+
+        The pull-authority check for private images on disks: the client's own credentials, no
+        anonymous token, no redirect followed (a 3xx to storage is the registry saying yes).
+        Unreachable counts as no.
+        """
+        url = f"{self.endpoint(registry)}/v2/{path}"
+        # every manifest type: a registry answers 404 for a manifest whose type the client refuses
+        headers = {"authorization": authorization, "accept-encoding": "identity", "accept": MANIFEST_TYPES}
+        try:
+            response = self._client.head(url, headers=headers, follow_redirects=False)
+        except httpx.TransportError as exc:
+            log.warning(
+                "cannot check a private image's access at %s (%s): refused", registry, type(exc).__name__
+            )
+            return False
+        return 200 <= response.status_code < 400
 
     def _cached_authorization(self, registry: str, scope: str) -> str:
         with self._lock:
