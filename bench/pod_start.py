@@ -217,6 +217,11 @@ def main() -> None:
     ratio = cached["bind_to_running_s"] / limited["bind_to_running_s"]
     loopback_ratio = cached["bind_to_running_s"] / loopback["bind_to_running_s"]
     prefetched_ratio = prefetched["bind_to_running_s"] / limited["bind_to_running_s"]
+    layer_bytes = sum(layer.size_bytes for layer in BIG.layers)
+    print(
+        f"the limited link delivered {layer_bytes * 8 / limited_transfer / 1e6:.0f} Mbit/s "
+        f"(set to {options.mbit:g}); the mirror from the disk {layer_bytes * 8 / cached_transfer / 1e6:.0f} Mbit/s"
+    )
     print(f"medians of {options.repeat} (binding -> Running):")
     for kind, values in figures.items():
         print(
@@ -246,7 +251,8 @@ def main() -> None:
                 "prefetched_s": round(prefetched["bind_to_running_s"], 3),
                 "limit_mbit_per_s": options.mbit,
                 "repeat": options.repeat,
-                "image_bytes": sum(layer.size_bytes for layer in BIG.layers),
+                "image_bytes": layer_bytes,
+                "limited_link_mbit_per_s_measured": round(layer_bytes * 8 / limited_transfer / 1e6, 1),
                 "cached_s": round(cached["bind_to_running_s"], 3),
                 "limited_s": round(limited["bind_to_running_s"], 3),
                 "loopback_s": round(loopback["bind_to_running_s"], 3),
