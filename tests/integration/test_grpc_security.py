@@ -703,6 +703,7 @@ SECURITY_FLAGS = {
         "--tls-client-ca",
         "--tls-client-role",
         "--token-file",
+        "--token-review",
         "--auth-exempt",
         "--plaintext",
     ),
