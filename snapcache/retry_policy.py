@@ -3,8 +3,10 @@
 A refused or failed call is retried by the channel itself (gRFC A6): up to `MAX_ATTEMPTS` in all,
 after a random wait of up to 50 ms, 100 ms, 200 ms... capped at 1 s (jittered exponential
 backoff), never past the call's deadline, and sooner or later when the server's
-`grpc-retry-pushback-ms` says so. Retried codes: UNAVAILABLE (a server or its database briefly
-away) and RESOURCE_EXHAUSTED (a server at its bound of calls in flight). Only reads are retried
+`grpc-retry-pushback-ms` says so (snapcache's servers send their jittered RetryInfo delay there
+when they refuse a call as OVERLOADED, `snapcache.rpc_admission`). Retried codes: UNAVAILABLE (a
+server or its database briefly away) and RESOURCE_EXHAUSTED (a server at its bound of calls in
+flight). Only reads are retried
 this way, and matching (a pure read of the index); writes are retried by their callers, which
 choose ids so a repeat is recognised (ALREADY_EXISTS) rather than applied twice.
 """
