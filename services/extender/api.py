@@ -160,7 +160,13 @@ def split_node_names(body: bytes) -> tuple[PodInfo, bytes] | None:
     # The first occurrence is the top-level key unless the pod nests one; then the text before it
     # is not a whole JSON value, and the last occurrence (only names follow the real one) is tried.
     # A whole JSON value cannot be a proper prefix of another, so a parse means the real pod.
-    for cut in (body.find(_NODE_NAMES_TAIL), body.rfind(_NODE_NAMES_TAIL)):
+    cut = body.find(_NODE_NAMES_TAIL)
+    for attempt in range(2):
+        if attempt:  # scanning 64 KiB of names backwards costs as much as decoding the pod
+            last = body.rfind(_NODE_NAMES_TAIL)
+            if last == cut:
+                return None
+            cut = last
         if cut < 0:
             return None
         try:

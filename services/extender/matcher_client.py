@@ -63,12 +63,6 @@ class MatcherClient:
             return self._failed(exc)
         return answer_from_proto(response)
 
-    def start(self, query: MatchQuery) -> PendingMatch:
-        """Send the call now and return; its `result` waits (same budget, same fail-open)."""
-        return PendingMatch(
-            self, self._stub.MatchImageCaches.future(match_request(query), timeout=self._budget)
-        )
-
     def _failed(self, error: grpc.RpcError) -> MatchAnswer:
         code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
         name = code.name if code is not None else "UNKNOWN"
@@ -79,28 +73,6 @@ class MatcherClient:
     def close(self) -> None:
         """Close the channel."""
         self._channel.close()
-
-
-class PendingMatch:
-    """A matcher call under way (`MatcherClient.start`)."""
-
-    def __init__(self, client: MatcherClient, future: grpc.Future[mpb.MatchImageCachesResponse]) -> None:
-        self._client = client
-        self._future = future
-
-    def result(self) -> MatchAnswer:
-        """The answer, or `MatchAnswer.unknown` when the call failed or ran out of its budget."""
-        try:
-            response = self._future.result()
-        except grpc.RpcError as exc:
-            return self._client._failed(exc)
-        except grpc.FutureCancelledError:
-            return MatchAnswer.unknown("matcher call cancelled")
-        return answer_from_proto(response)
-
-    def cancel(self) -> None:
-        """Give up on the call (its answer is no longer wanted)."""
-        self._future.cancel()
 
 
 def match_request(query: MatchQuery) -> mpb.MatchImageCachesRequest:

@@ -20,7 +20,7 @@ name's entry either before or after a change, never half of one.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import compress, repeat
 from typing import Final
 
@@ -47,7 +47,6 @@ class NodeIndex(Mapping[str, str | None]):
         self._overflow: dict[str, str] = {}
         self._escaped: set[str] = set()  # names that need JSON escaping (Kubernetes allows none)
         self._id_bytes = [bytes((i,)) for i in range(256)]
-        self._selectors: dict[int, bytes] = {}
         self._write = threading.Lock()
         for name, zone in (zones or {}).items():
             self.set(name, zone)
@@ -139,14 +138,16 @@ class NodeIndex(Mapping[str, str | None]):
         plain = not self._escaped or self._escaped.isdisjoint(names)
         return PlacedNodes(self, names, ids, present, plain=plain)
 
-    def names_in(self, names: Sequence[str], ids: bytes, zone_id: int) -> list[str]:
-        """The names among ``names`` (with their ``ids``) in zone ``zone_id``, in order."""
-        selector = self._selectors.get(zone_id)
-        if selector is None:
-            table = bytearray(256)
+    def names_in(self, names: Sequence[str], ids: bytes, zone_ids: Iterable[int]) -> list[str]:
+        """The names among ``names`` (with their ``ids``) in any of ``zone_ids``, in order."""
+        table = bytearray(256)
+        for zone_id in zone_ids:
             table[zone_id] = 1
-            selector = self._selectors.setdefault(zone_id, bytes(table))
-        return list(compress(names, ids.translate(selector)))
+        return list(compress(names, ids.translate(table)))
+
+    def zone_id(self, zone: str) -> int:
+        """The id of a zone in use."""
+        return self._zone_ids[zone]
 
     def zone_name(self, zone_id: int) -> str:
         """The zone of an id in use."""
@@ -198,10 +199,34 @@ class PlacedNodes:
             index = self._index
             assert index is not None
             self._groups = {
-                index.zone_name(zone_id): index.names_in(self.names, self._ids, zone_id)
+                index.zone_name(zone_id): index.names_in(self.names, self._ids, (zone_id,))
                 for zone_id in self._present
             }
         return self._groups
+
+    def scored(self, scores: Mapping[str | None, int]) -> list[tuple[int, list[str]]]:
+        """(score, names) for each score above 0 that ``scores`` (by zone) gives, highest first.
+
+        One pass over the names per distinct score, not per zone: zones that score alike (every
+        zone where the best cache is AVAILABLE) are picked out together.
+        """
+        by_score: dict[int, list[str]] = {}
+        for zone in self.zones:
+            score = scores.get(zone, 0)
+            if score > 0:
+                by_score.setdefault(score, []).append(zone)
+        found = []
+        for score in sorted(by_score, reverse=True):
+            zones = by_score[score]
+            if self._index is not None:
+                zone_ids = [self._index.zone_id(zone) for zone in zones]
+                found.append((score, self._index.names_in(self.names, self._ids, zone_ids)))
+            else:
+                wanted = set(zones)
+                found.append(
+                    (score, [n for n, z in zip(self.names, self.zone_list(), strict=True) if z in wanted])
+                )
+        return found
 
     def zone_list(self) -> list[str | None]:
         """Each name's zone, in request order (None: no zone or unknown)."""

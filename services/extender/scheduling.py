@@ -5,19 +5,17 @@ the wiring (`server`), so tests drive this with plain functions. Data flows one 
 request -> pod request -> (one matcher answer, reused by prioritize) -> outcome -> events.
 Pods that do not ask for a cache are answered at once (all pass, every score 0) without a call.
 
-Where the time goes (bench/extender.py): the matcher's round trip is the largest share of an
-annotated call, so it is started as soon as the pod is known (`start_match`) and the node names
-are decoded and placed in zones (`node_index`) while it runs. The query carries the zones of the
-candidate nodes, unknown until the names are placed: it is sent with the zones the cluster's
-nodes are in now, which is what a request over a large cluster covers, and asked again with the
-exact zones when the names turn out to cover fewer (the first ask then counted the pod's hit, so
-the second one is a preview). Scores are worked out per zone and written per zone.
+Where the time goes (bench/extender.py): with thousands of node names, what is done per name;
+so names are placed in zones by the node cache's `NodeIndex` (C-level bulk operations) and scores
+are worked out per zone and written per score. The matcher is asked after the names are placed,
+with their exact zones: overlapping the call with the placing was measured and gains nothing,
+as grpcio's call needs the GIL to progress and placing names holds it (bench/extender.py notes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from services.extender import matches
@@ -36,42 +34,9 @@ MatchSource = Callable[[MatchQuery], MatchAnswer]
 NodeZones = Callable[[], Mapping[str, str | None]]
 
 
-class PendingAnswer(Protocol):
-    """A matcher call under way."""
-
-    def result(self) -> MatchAnswer:
-        """Wait for the answer (fail-open UNKNOWN when the call fails)."""
-
-    def cancel(self) -> None:
-        """Give up on the call."""
-
-
-StartMatch = Callable[[MatchQuery], PendingAnswer]
-
-
-class _Answered:
-    """An answer known at once (a kept answer, or a matcher port without `start_match`)."""
-
-    def __init__(self, answer: MatchAnswer) -> None:
-        self._answer = answer
-
-    def result(self) -> MatchAnswer:
-        return self._answer
-
-    def cancel(self) -> None:
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class _Asked:
-    query: MatchQuery | None  # None: a kept answer, no call
-    pending: PendingAnswer
-    first: bool
-
-
 @dataclass(frozen=True, slots=True)
 class HostScores:
-    """Prioritize's answer: (score, hosts) per scored zone; hosts not listed score 0."""
+    """Prioritize's answer: (score, hosts) per score above 0; hosts not listed score 0."""
 
     groups: list[tuple[int, list[str]]]
     plain: bool = True  # every host can be written between JSON quotes as it is
@@ -109,7 +74,6 @@ class Scheduling:
     decisions: DecisionCache
     events: EventSink
     default_mode: Mode = Mode.OFF
-    start_match: StartMatch | None = None  # the matcher call, started without waiting for it
     placements: RecentPlacements[PlacedNodes] = field(default_factory=RecentPlacements)
 
     def wants_cache(self, pod: PodInfo) -> bool:
@@ -122,12 +86,12 @@ class Scheduling:
             return [zone_of(labels) for labels in args.node_labels]
         return list(map(self.node_zones().get, args.node_names))
 
-    # --- NodeNames requests (nodeCacheCapable): names decoded while the matcher works -----------
+    # --- NodeNames requests (nodeCacheCapable): the names placed by the node index --------------
 
     def filter_names(
         self, pod: PodInfo, names: Callable[[], Sequence[str]], *, names_key: bytes = b""
     ) -> tuple[Sequence[str], FilterOutcome]:
-        """The decoded names and which of them pass: every one, except for strict pods (`filtering`).
+        """The names and which of them pass: every one, except for strict pods (`filtering`).
 
         ``names_key``: the names' text as sent; the placed names are kept under it for the
         pod's prioritize call.
@@ -137,10 +101,8 @@ class Scheduling:
             self._explain_unmatchable(pod, request)
             node_names = names()
             return node_names, FilterOutcome(passing=list(range(len(node_names))))
-        index = self._index()
-        placed, answer = self._placed_answer(
-            pod, request, lambda: index.locate(names()), guess=index.zones_in_use(), reuse=False
-        )
+        placed = self._index().locate(names())
+        answer = self._answer(pod, request, placed.zones, reuse=False)
         if pod.uid and names_key:
             self.placements.put(pod.uid, names_key, placed)
         return placed.names, self._filter_outcome(request, answer, placed)
@@ -151,20 +113,15 @@ class Scheduling:
         """Scores by zone (see `scoring`); no groups = no opinion (every node 0).
 
         After the pod's filter call with the same names (``names_key``), its placed names and
-        answer are reused: no matcher call and no name is looked up again.
+        answer are reused: no matcher call, and the names are neither decoded nor looked up again.
         """
         request = pod_request(pod, default_mode=self.default_mode)
         if not request.wants_cache:
             return HostScores([])
-        index = self._index()
         placed = self.placements.get(pod.uid, names_key) if pod.uid and names_key else None
-        if placed is not None:
-            kept = placed
-            placed, answer = self._placed_answer(pod, request, lambda: kept, guess=kept.zones, reuse=True)
-        else:
-            placed, answer = self._placed_answer(
-                pod, request, lambda: index.locate(names()), guess=index.zones_in_use(), reuse=True
-            )
+        if placed is None:
+            placed = self._index().locate(names())
+        answer = self._answer(pod, request, placed.zones, reuse=True)
         return _host_scores(answer, placed)
 
     # --- any request (full Nodes too) ------------------------------------------------------------
@@ -176,7 +133,7 @@ class Scheduling:
             self._explain_unmatchable(args.pod, request)
             return FilterOutcome(passing=list(range(len(args.node_names))))
         placed = self._place(args)
-        _, answer = self._placed_answer(args.pod, request, lambda: placed, guess=placed.zones, reuse=False)
+        answer = self._answer(args.pod, request, placed.zones, reuse=False)
         return self._filter_outcome(request, answer, placed)
 
     def prioritize_hosts(self, args: ExtenderArgs) -> HostScores:
@@ -185,7 +142,7 @@ class Scheduling:
         if not request.wants_cache:
             return HostScores([])
         placed = self._place(args)
-        _, answer = self._placed_answer(args.pod, request, lambda: placed, guess=placed.zones, reuse=True)
+        answer = self._answer(args.pod, request, placed.zones, reuse=True)
         return _host_scores(answer, placed)
 
     def prioritize(self, args: ExtenderArgs) -> list[int]:
@@ -216,45 +173,13 @@ class Scheduling:
             return FilterOutcome(passing=list(range(len(placed.names))))
         return filter_nodes(request, answer, placed.names, placed.zone_list())
 
-    def _placed_answer(
-        self,
-        pod: PodInfo,
-        request: PodRequest,
-        place: Callable[[], PlacedNodes],
-        *,
-        guess: tuple[str, ...],
-        reuse: bool,
-    ) -> tuple[PlacedNodes, MatchAnswer]:
-        """The nodes placed in zones and the matcher's answer, the call overlapping the placing."""
-        asked = self._ask(pod, request, guess, reuse=reuse)
-        try:
-            placed = place()
-            if asked.query is not None and asked.query.zones == placed.zones:
-                placed.groups()  # while the matcher works: each zone's names
-        except BaseException:
-            asked.pending.cancel()
-            raise
-        if asked.query is None:
-            return placed, asked.pending.result()
-        query = asked.query
-        if query.zones == placed.zones:
-            answer = asked.pending.result()
-        else:  # the names cover other zones than guessed: ask about theirs
-            asked.pending.cancel()
-            query = replace(query, zones=placed.zones, validate_only=True)
-            answer = self._start(query).result()
-        if pod.uid:
-            self.decisions.put(pod.uid, answer)
-            if asked.first and answer.known:
-                self.decisions.counted(pod.uid)
-        self._report(pod, answer, placed.zones)
-        return placed, answer
-
-    def _ask(self, pod: PodInfo, request: PodRequest, zones: tuple[str, ...], *, reuse: bool) -> _Asked:
+    def _answer(
+        self, pod: PodInfo, request: PodRequest, zones: tuple[str, ...], *, reuse: bool
+    ) -> MatchAnswer:
         if reuse and pod.uid:
             kept = self.decisions.get(pod.uid)
             if kept is not None:
-                return _Asked(None, _Answered(kept), first=False)
+                return kept
         first = bool(pod.uid) and self.decisions.first_match(pod.uid)
         query = MatchQuery(
             images=request.images,
@@ -263,12 +188,13 @@ class Scheduling:
             zones=zones,
             validate_only=not first,
         )
-        return _Asked(query, self._start(query), first=first)
-
-    def _start(self, query: MatchQuery) -> PendingAnswer:
-        if self.start_match is not None:
-            return self.start_match(query)
-        return _Answered(self.match(query))
+        answer = self.match(query)
+        if pod.uid:
+            self.decisions.put(pod.uid, answer)
+            if first and answer.known:
+                self.decisions.counted(pod.uid)
+        self._report(pod, answer, query.zones)
+        return answer
 
     def _explain_unmatchable(self, pod: PodInfo, request: PodRequest) -> None:
         if request.mode is not Mode.OFF and request.problem:
@@ -295,6 +221,4 @@ def _host_scores(answer: MatchAnswer, placed: PlacedNodes) -> HostScores:
     scores = zone_scores(answer)
     if not scores:
         return HostScores([])
-    groups = placed.groups()
-    scored = [(scores[zone], groups[zone]) for zone in placed.zones if scores.get(zone)]
-    return HostScores(scored, plain=placed.plain)
+    return HostScores(placed.scored(scores), plain=placed.plain)

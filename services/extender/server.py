@@ -113,7 +113,6 @@ class ExtenderApp:
             decisions=DecisionCache(ttl_seconds=config.decision_ttl_seconds),
             events=events,
             default_mode=parse_default_mode(config.default_mode),
-            start_match=self.matcher.start,
         )
         self._stopping = threading.Event()
         self.routes = ExtenderRoutes(

@@ -127,34 +127,20 @@ def answer_in(*zones: str) -> MatchAnswer:
     )
 
 
-class Pending:
-    def __init__(self, log: list[str], answer: MatchAnswer) -> None:
-        self.log = log
-        self.answer = answer
-
-    def result(self) -> MatchAnswer:
-        self.log.append("result")
-        return self.answer
-
-    def cancel(self) -> None:
-        self.log.append("cancel")
-
-
 class Recorder:
-    """A matcher port that records the order of calls and queries."""
+    """A matcher port that records its queries, and a names source that counts its calls."""
 
     def __init__(self, answer: MatchAnswer) -> None:
         self.answer = answer
-        self.log: list[str] = []
         self.queries: list[MatchQuery] = []
+        self.decoded = 0
 
-    def start(self, query: MatchQuery) -> Pending:
-        self.log.append("start")
+    def match(self, query: MatchQuery) -> MatchAnswer:
         self.queries.append(query)
-        return Pending(self.log, self.answer)
+        return self.answer
 
     def names(self, names: list[str]) -> list[str]:
-        self.log.append("names")
+        self.decoded += 1
         return names
 
 
@@ -163,12 +149,11 @@ CLUSTER = {"a1": "za", "a2": "za", "b1": "zb", "c1": "zc", "none": None}
 
 def core(recorder: Recorder) -> Scheduling:
     return Scheduling(
-        match=lambda query: pytest.fail("the blocking port is not used when start_match is given"),
+        match=recorder.match,
         node_zones=lambda: NodeIndex(CLUSTER),
         decisions=DecisionCache(ttl_seconds=60),
         events=NoEvents(),
         default_mode=Mode.AUTO,
-        start_match=recorder.start,
     )
 
 
@@ -178,29 +163,28 @@ def pod(uid: str) -> PodInfo:
     )
 
 
-def test_the_matcher_is_asked_before_the_names_are_decoded_with_the_clusters_zones() -> None:
-    recorder = Recorder(answer_in("za"))
+def test_the_matcher_is_asked_about_the_zones_of_the_names_and_scores_group_by_score() -> None:
+    recorder = Recorder(
+        MatchAnswer(
+            decision="MATCHED",
+            action="USE_CACHE",
+            image_cache="imageCaches/imc-abcd1234",
+            candidates=(
+                Candidate("imageCaches/imc-abcd1234", 1, frozenset({"za", "zc"})),
+                Candidate("imageCaches/imc-abcd1235", 2, frozenset({"zb"})),
+            ),
+        )
+    )
     names = ["a1", "b1", "c1", "none", "a2", "ghost"]
     scores = core(recorder).prioritize_names(pod("u1"), lambda: recorder.names(names))
-    assert recorder.log == ["start", "names", "result"]
     [query] = recorder.queries
     assert query.zones == ("za", "zb", "zc") and not query.validate_only
-    assert scores.groups == [(10, ["a1", "a2"])]
+    assert scores.groups == [(10, ["a1", "c1", "a2"]), (7, ["b1"])]
+    assert core(recorder).prioritize_names(pod("u2"), lambda: ["b1", "ghost"]).groups == [(7, ["b1"])]
+    assert recorder.queries[-1].zones == ("zb",)
 
 
-def test_names_covering_fewer_zones_are_asked_about_again_as_a_preview() -> None:
-    recorder = Recorder(answer_in("za"))
-    scheduling = core(recorder)
-    scores = scheduling.prioritize_names(pod("u2"), lambda: recorder.names(["a1", "b1"]))
-    assert recorder.log == ["start", "names", "cancel", "start", "result"]
-    guessed, exact = recorder.queries
-    assert guessed.zones == ("za", "zb", "zc") and not guessed.validate_only
-    assert exact.zones == ("za", "zb") and exact.validate_only  # the hit was counted once
-    assert scores.groups == [(10, ["a1"])]
-    assert not scheduling.decisions.first_match("u2")
-
-
-def test_bad_names_cancel_the_call_under_way() -> None:
+def test_bad_names_are_refused_before_the_matcher_is_asked() -> None:
     recorder = Recorder(answer_in("za"))
 
     def bad() -> list[str]:
@@ -208,7 +192,7 @@ def test_bad_names_cancel_the_call_under_way() -> None:
 
     with pytest.raises(InvalidArgument, match="must be a string"):
         core(recorder).filter_names(pod("u3"), bad)
-    assert recorder.log == ["start", "cancel"]
+    assert recorder.queries == []
 
 
 def test_prioritize_after_filter_with_the_same_names_reuses_both_answer_and_placement() -> None:
@@ -218,18 +202,15 @@ def test_prioritize_after_filter_with_the_same_names_reuses_both_answer_and_plac
     text = orjson.dumps(names)
     seen, outcome = scheduling.filter_names(pod("u4"), lambda: recorder.names(names), names_key=text)
     assert list(seen) == names and outcome.passing == [0, 1, 2]
-
-    def not_again() -> list[str]:
-        raise AssertionError("the names were placed by the filter call")
-
-    scores = scheduling.prioritize_names(pod("u4"), not_again, names_key=text)
-    assert scores.groups == [(10, ["b1"])] and len(recorder.queries) == 1
+    scores = scheduling.prioritize_names(pod("u4"), lambda: recorder.names(names), names_key=text)
+    assert scores.groups == [(10, ["b1"])]
+    assert len(recorder.queries) == 1 and recorder.decoded == 1  # neither asked nor decoded again
     # other names (a strict pod's filter rejected some): placed again, the answer still reused
     scores = scheduling.prioritize_names(pod("u4"), lambda: recorder.names(["b1"]), names_key=b'["b1"]')
-    assert scores.groups == [(10, ["b1"])] and len(recorder.queries) == 1
+    assert scores.groups == [(10, ["b1"])] and len(recorder.queries) == 1 and recorder.decoded == 2
     # another pod with the same names: nothing of u4's is reused
     scheduling.prioritize_names(pod("u5"), lambda: recorder.names(names), names_key=text)
-    assert len(recorder.queries) == 2
+    assert len(recorder.queries) == 2 and recorder.decoded == 3
 
 
 def test_strict_filter_on_the_names_path_rejects_by_zone() -> None:
