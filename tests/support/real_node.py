@@ -386,15 +386,8 @@ def _kill_containers(node_socket: Path, directory: Path) -> None:
         subprocess.run(
             [*ctr, "tasks", "kill", "-s", "SIGKILL", task], capture_output=True, timeout=30, check=False
         )
-    deadline = time.monotonic() + 10
-    for task in listed.stdout.split():
-        while time.monotonic() < deadline:
-            deleted = subprocess.run(
-                [*ctr, "tasks", "rm", "-f", task], capture_output=True, timeout=30, check=False
-            )
-            if deleted.returncode == 0:
-                break
-            time.sleep(0.2)
+    for task in listed.stdout.split():  # force: a task still dying is removed all the same
+        subprocess.run([*ctr, "tasks", "rm", "-f", task], capture_output=True, timeout=30, check=False)
     containers = subprocess.run(
         [*ctr, "containers", "ls", "-q"], capture_output=True, text=True, timeout=30, check=False
     )
@@ -587,5 +580,11 @@ def _delete_all_pods(node: RealNode, timeout: float = 30.0) -> None:
             with contextlib.suppress(k8s.ApiException):
                 core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and node.ctr("tasks", "ls", "-q", check=False).stdout.split():
+        while time.monotonic() < deadline and _running_tasks(node):
             time.sleep(0.2)
+
+
+def _running_tasks(node: RealNode) -> list[str]:
+    """Tasks still running (a stopped one stays listed until its container is removed)."""
+    rows = [line.split() for line in node.ctr("tasks", "ls", check=False).stdout.splitlines()[1:]]
+    return [row[0] for row in rows if row and row[-1] == "RUNNING"]
