@@ -145,7 +145,7 @@ _NODE_NAMES_TAIL: Final = b',"Nodes":null,"NodeNames":['
 _POD_HEAD: Final = b'{"Pod":'
 
 
-def split_node_names(body: bytes) -> tuple[PodInfo, bytes] | None:
+def split_node_names(body: bytes) -> tuple[PodInfo, memoryview] | None:
     """The pod of a NodeNames request and the text of its names array, without decoding the names.
 
     None when the body does not have the exact shape the scheduler writes, or the pod is not
@@ -175,7 +175,8 @@ def split_node_names(body: bytes) -> tuple[PodInfo, bytes] | None:
             continue
         except InvalidArgument:
             return None
-        return pod, body[cut + len(_NODE_NAMES_TAIL) - 1 : -1]
+        # a view: copying 64 KiB of names would be a third of the time of a pod that uses no cache
+        return pod, memoryview(body)[cut + len(_NODE_NAMES_TAIL) - 1 : -1]
     return None
 
 
@@ -189,7 +190,7 @@ def peek_pod(body: bytes) -> PodInfo | None:
     return split[0] if split is not None else None
 
 
-def decode_node_names(text: bytes) -> list[str]:
+def decode_node_names(text: bytes | memoryview) -> list[str]:
     """The `NodeNames` array cut out by `split_node_names`; `InvalidArgument` if it is not one of strings."""
     try:
         names = orjson.loads(text)
@@ -232,7 +233,7 @@ def encode_filter_result(
     return orjson.dumps(result)
 
 
-def encode_all_names_pass(names_text: bytes) -> bytes:
+def encode_all_names_pass(names_text: bytes | memoryview) -> bytes:
     """ExtenderFilterResult passing every node of a NodeNames request: its names array echoed as sent.
 
     ``names_text`` must be the array `split_node_names` cut out and `decode_node_names` accepted.

@@ -9,6 +9,12 @@ loop to protect. Bad input is a 400 with a message (413 for a body over the limi
 Content-Length); an unexpected failure is logged and answered fail-open (all nodes pass, every
 score 0), never a 500. Connections have a socket timeout so a slow client cannot hold a thread.
 
+A NodeNames request in the exact layout kube-scheduler writes is read in two parts
+(`api.split_node_names`): the pod first, so a pod that uses no cache is answered without
+decoding thousands of names, then the names, placed in zones by the node index; a filter that
+passes every node echoes the names' text as sent. Any other layout is decoded whole and gets
+the same answers (tests/integration/test_extender_http.py compares them).
+
 HTTPS: with `snapcache.tls.SSLContextFiles` each accepted connection is wrapped with the context
 of the moment (a certificate rotated on disk is used from the next connection on) and its
 handshake runs on the connection's own thread, under the same socket timeout, so a slow or
@@ -127,7 +133,7 @@ class ExtenderRoutes:
             )
         return 200, _JSON, answer
 
-    def _by_names(self, verb: str, pod: PodInfo, names_text: bytes) -> bytes:
+    def _by_names(self, verb: str, pod: PodInfo, names_text: memoryview) -> bytes:
         """A NodeNames request as the scheduler writes it: the names decoded while the matcher works."""
 
         def names() -> list[str]:

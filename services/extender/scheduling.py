@@ -89,7 +89,7 @@ class Scheduling:
     # --- NodeNames requests (nodeCacheCapable): the names placed by the node index --------------
 
     def filter_names(
-        self, pod: PodInfo, names: Callable[[], Sequence[str]], *, names_key: bytes = b""
+        self, pod: PodInfo, names: Callable[[], Sequence[str]], *, names_key: bytes | memoryview = b""
     ) -> tuple[Sequence[str], FilterOutcome]:
         """The names and which of them pass: every one, except for strict pods (`filtering`).
 
@@ -108,7 +108,7 @@ class Scheduling:
         return placed.names, self._filter_outcome(request, answer, placed)
 
     def prioritize_names(
-        self, pod: PodInfo, names: Callable[[], Sequence[str]], *, names_key: bytes = b""
+        self, pod: PodInfo, names: Callable[[], Sequence[str]], *, names_key: bytes | memoryview = b""
     ) -> HostScores:
         """Scores by zone (see `scoring`); no groups = no opinion (every node 0).
 
