@@ -5,12 +5,15 @@ manager, kube-scheduler calling the extender, containerd and a kubelet on this m
 upstream ``docker-registry`` whose access log tells every blob it served; the cache registry
 (local provider), the matcher, and ``snapcache node-agent`` as a process (grace period 2 s).
 Two caches: ``demo/big:1.0`` (~200 MiB in five layers) and ``demo/small:1.0`` with
-``demo/small2:1.0`` (small layers). Every image has a ``/pause`` top layer, so its container really runs. Between tests
-images are removed from containerd, so each pod pulls.
+``demo/small2:1.0`` (small layers). Every image has a ``/pause`` top layer, so its container really runs. A third cache
+holds ``team/secret:1.0`` from a registry with htpasswd auth, built with the namespace's pull
+Secret (so it is recorded as private). Between tests images are removed from containerd, so each
+pod pulls.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,7 +21,7 @@ from typing import Any
 import pytest
 
 from snapcache.demo.oci_images import ImageSpec, LayerSpec, MiB
-from tests.support.node_stack import USE, CacheSpec, NodeStack, running_node_stack, unique
+from tests.support.node_stack import PULL_SECRET, USE, CacheSpec, NodeStack, running_node_stack, unique
 
 pytestmark = pytest.mark.e2e
 
@@ -37,6 +40,7 @@ SMALL = ImageSpec(
     "1.0",
     [LayerSpec(2 * MiB, seed=8201), LayerSpec(512 * 1024, seed=8202), LayerSpec(32 * 1024, seed=8203)],
 )
+SECRET = ImageSpec("team/secret", "1.0", [LayerSpec(3 * MiB, seed=8401), LayerSpec(128 * 1024, seed=8402)])
 SMALL2 = ImageSpec("demo/small2", "1.0", [LayerSpec(1 * MiB, seed=8301), LayerSpec(256 * 1024, seed=8302)])
 AUTO = {USE: "auto"}
 
@@ -57,7 +61,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeStack]:
     with running_node_stack(
         tmp_path_factory.mktemp("real-node"),
         images=[BIG, SMALL, SMALL2],
-        caches=[CacheSpec(["demo/big:1.0"]), CacheSpec(["demo/small:1.0", "demo/small2:1.0"])],
+        private_images=[SECRET],
+        caches=[
+            CacheSpec(["demo/big:1.0"]),
+            CacheSpec(["demo/small:1.0", "demo/small2:1.0"]),
+            CacheSpec(["team/secret:1.0"], private=True),
+        ],
         grace_seconds=2.0,
     ) as running:
         yield running
@@ -74,6 +83,8 @@ def clean(stack: NodeStack) -> Iterator[NodeStack]:
     for name in names:
         stack.delete_pod(name)
     stack.forget_images("demo/big:1.0", "demo/small:1.0", "demo/small2:1.0")
+    assert stack.private is not None
+    stack.forget_images("team/secret:1.0", host=stack.private.host)
     eventually(lambda: stack.disk_dirs() == [], what="every disk released", timeout=30)
 
 
@@ -183,3 +194,48 @@ def test_a_corrupt_blob_on_the_disk_is_detected_and_not_served(clean: NodeStack)
     assert stack.agent.metric("snapcache_node_agent_digest_failures_total", source="disk") == failures + 1
     assert stack.agent.metric("snapcache_node_agent_bad_blobs") == 1
     assert stack.live_disks(cache_id) == [disk]
+
+
+def test_a_cached_private_image_reaches_only_a_pod_that_may_pull_it(clean: NodeStack) -> None:
+    stack = clean
+    assert stack.private is not None
+    host = stack.private.host
+    cache_id = stack.caches["team/secret:1.0"]
+    # no pull secret: the matcher gives it no disk, and the registry refuses the pull
+
+    def disk_manifests() -> float:
+        return stack.agent.metric(
+            "snapcache_node_agent_requests_total", kind="manifest", source="disk", code="200"
+        )
+
+    served_before = disk_manifests()
+    stranger = unique("stranger")
+    stack.pod(stranger, "team/secret:1.0", annotations={USE: cache_id}, host=host)
+
+    def refused() -> str:
+        statuses = stack.read_pod(stranger).status.container_statuses or []
+        waiting = statuses[0].state.waiting if statuses and statuses[0].state else None
+        return (
+            waiting.reason
+            if waiting is not None and waiting.reason in ("ErrImagePull", "ImagePullBackOff")
+            else ""
+        )
+
+    eventually(refused, what="the pull refused", timeout=60)
+    assert stack.disk_dirs() == []
+    assert disk_manifests() == served_before  # nothing answered from a disk meanwhile
+    stack.delete_pod(stranger)
+    # with the Secret: the pod runs from the disk. containerd first asks the mirror without
+    # credentials (refused: the registry's challenge relayed), then with the pod's, which the
+    # registry accepts: those requests are answered from the disk
+    since = len(stack.private.read_log())
+    refused_before = stack.agent.metric("snapcache_node_agent_private_checks_total", result="refused")
+    allowed_before = stack.agent.metric("snapcache_node_agent_private_checks_total", result="allowed")
+    member = unique("member")
+    stack.pod(member, "team/secret:1.0", annotations={USE: cache_id}, host=host, pull_secrets=[PULL_SECRET])
+    stack.wait_running(member)
+    assert stack.live_disks(cache_id) == stack.disk_dirs() != []
+    assert re.findall(r'"GET /v2/team/secret/blobs/', stack.private.read_log()[since:]) == []
+    assert stack.agent.metric("snapcache_node_agent_private_checks_total", result="allowed") > allowed_before
+    assert stack.agent.metric("snapcache_node_agent_private_checks_total", result="refused") > refused_before
+    assert disk_manifests() > served_before

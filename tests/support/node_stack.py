@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import signal
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -49,6 +50,8 @@ from tests.support.rate_limited_proxy import RateLimitedProxy
 from tests.support.real_node import RealNode, running_real_node
 
 USE = "snapcache.io/use-image-cache"
+PRIVATE_USER, PRIVATE_PASSWORD = "snap", "n0de-Pa55word"  # test-only
+PULL_SECRET = "pull"
 ZONE = "zone-a"
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 
@@ -146,6 +149,7 @@ class NodeStack:
     disk_root: Path
     workdir: Path
     namespace: str = field(default="")
+    private: RegistryServer | None = None  # the htpasswd registry of ``private_images``
 
     def reference(self, repository_tag: str, *, host: str = "") -> str:
         """The full image reference pods use (``host``: another registry host than ``image_host``)."""
@@ -175,7 +179,13 @@ class NodeStack:
         return sorted(p.name for p in self.disk_root.iterdir() if not p.name.startswith("."))
 
     def pod(
-        self, name: str, repository_tag: str, *, annotations: Mapping[str, str] | None = None, host: str = ""
+        self,
+        name: str,
+        repository_tag: str,
+        *,
+        annotations: Mapping[str, str] | None = None,
+        host: str = "",
+        pull_secrets: Sequence[str] = (),
     ) -> k8s.V1Pod:
         """Create a pod of one container running the image; returns it as created."""
         body = k8s.V1Pod(
@@ -188,6 +198,7 @@ class NodeStack:
                         image_pull_policy="Always",  # a pull each time: the runtime asks for it, not its cache
                     )
                 ],
+                image_pull_secrets=[k8s.V1LocalObjectReference(name=n) for n in pull_secrets] or None,
                 termination_grace_period_seconds=1,
                 automount_service_account_token=False,
                 enable_service_links=False,
@@ -295,6 +306,7 @@ class CacheSpec:
     """A cache to build: the images (``repository:tag`` of the image specs) it holds."""
 
     images: Sequence[str]
+    private: bool = False  # of the private registry, built with the stack's pull Secret
 
 
 def _wait_ready(stub: api_grpc.CacheRegistryServiceStub, name: str, timeout: float = 180.0) -> None:
@@ -315,12 +327,17 @@ def running_node_stack(
     *,
     images: Sequence[ImageSpec],
     caches: Sequence[CacheSpec],
+    private_images: Sequence[ImageSpec] = (),
     limit_bits_per_second: float = 0.0,
     grace_seconds: float = 2.0,
     agent_args: Sequence[str] = (),
-    on_stack: Callable[[NodeStack], None] = lambda _stack: None,
 ) -> Iterator[NodeStack]:
-    """The whole stack around a real node (see the module docstring); everything stopped on exit."""
+    """The whole stack around a real node (see the module docstring); everything stopped on exit.
+
+    ``private_images`` go to a second registry with htpasswd auth (``PRIVATE_USER``); the stack's
+    namespace gets a dockerconfigjson Secret ``PULL_SECRET`` for it, and a ``CacheSpec`` with
+    ``private=True`` is built with that Secret (the cache records its images as private).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         upstream = RegistryServer(workdir / "upstream")
@@ -333,12 +350,48 @@ def running_node_stack(
             proxy.start()
             stack.callback(proxy.stop)
             image_host = f"127.0.0.1:{proxy.port}"
+        private: RegistryServer | None = None
+        if private_images:
+            private = RegistryServer(workdir / "private", users={PRIVATE_USER: PRIVATE_PASSWORD})
+            private.start()
+            stack.callback(private.close)
         pause = build_pause_binary(workdir)
         built: dict[str, BuiltImage] = {}
         for spec in images:
             image = runnable_image(spec, pause, blob_dir=workdir / "blobs")
             push_image(upstream.url, image, timeout_seconds=300)
             built[f"{spec.repository}:{spec.tag}"] = image
+        for spec in private_images:
+            assert private is not None
+            image = runnable_image(spec, pause, blob_dir=workdir / "blobs")
+            push_image(private.url, image, auth=(PRIVATE_USER, PRIVATE_PASSWORD), timeout_seconds=300)
+            built[f"{spec.repository}:{spec.tag}"] = image
+
+        extender_port = free_port()
+        extender_rule = {
+            "urlPrefix": f"http://127.0.0.1:{extender_port}/",
+            "filterVerb": "filter",
+            "prioritizeVerb": "prioritize",
+            "weight": 5,
+            "nodeCacheCapable": True,
+            "ignorable": True,
+            "httpTimeout": "2s",
+        }
+        node = stack.enter_context(running_real_node(workdir / "node", extenders=[extender_rule], zone=ZONE))
+        kubeconfig = node.cluster.write_kubeconfig(workdir / "snapcache-kubeconfig")
+        namespace = node.cluster.create_namespace("real-node")
+        if private is not None:
+            auths = {private.host: {"username": PRIVATE_USER, "password": PRIVATE_PASSWORD}}
+            client, core = node.core()
+            with client:
+                core.create_namespaced_secret(
+                    namespace,
+                    k8s.V1Secret(
+                        metadata=k8s.V1ObjectMeta(name=PULL_SECRET),
+                        type="kubernetes.io/dockerconfigjson",
+                        string_data={".dockerconfigjson": json.dumps({"auths": auths})},
+                    ),
+                )
 
         zone_root = workdir / "zone-a"
         registry = RegistryApp(
@@ -348,7 +401,7 @@ def running_node_stack(
                 zones=(ZoneConfig(ZONE, root=zone_root),),
                 worker_poll_seconds=0.05,
                 grpc_workers=8,
-                kubeconfig=None,
+                kubeconfig=kubeconfig,  # the dockerconfigjson Secret of private caches
                 kube_in_cluster=False,
             )
         ).start()
@@ -357,11 +410,17 @@ def running_node_stack(
         with grpc.insecure_channel(f"127.0.0.1:{registry.port}") as channel:
             stub = api_grpc.CacheRegistryServiceStub(channel)
             for cache in caches:
+                host = private.host if cache.private and private is not None else image_host
                 created = stub.CreateImageCache(
                     api.CreateImageCacheRequest(
                         image_cache=pb.ImageCache(
-                            images=[f"{image_host}/{i}" for i in cache.images],
-                            plain_http_registries=[image_host],
+                            images=[f"{host}/{i}" for i in cache.images],
+                            plain_http_registries=[host],
+                            registry_credentials=[
+                                pb.RegistryCredentialRef(secret=f"{namespace}/{PULL_SECRET}")
+                            ]
+                            if cache.private
+                            else [],
                         )
                     ),
                     timeout=10,
@@ -376,18 +435,6 @@ def running_node_stack(
             )
         ).start(wait_loaded_seconds=10)
         stack.callback(matcher.stop, 0)
-        extender_port = free_port()
-        extender_rule = {
-            "urlPrefix": f"http://127.0.0.1:{extender_port}/",
-            "filterVerb": "filter",
-            "prioritizeVerb": "prioritize",
-            "weight": 5,
-            "nodeCacheCapable": True,
-            "ignorable": True,
-            "httpTimeout": "2s",
-        }
-        node = stack.enter_context(running_real_node(workdir / "node", extenders=[extender_rule], zone=ZONE))
-        kubeconfig = node.cluster.write_kubeconfig(workdir / "snapcache-kubeconfig")
         extender = ExtenderApp(
             ExtenderConfig(
                 matcher_target=f"127.0.0.1:{matcher.port}",
@@ -396,6 +443,7 @@ def running_node_stack(
             )
         ).start(wait_nodes_seconds=10)
         stack.callback(extender.stop)
+        plain_http = [upstream.host, image_host, *([private.host] if private is not None else [])]
         agent_port, metrics_port = free_port(), free_port()
         agent = AgentProcess(
             args=[
@@ -408,8 +456,7 @@ def running_node_stack(
                 f"127.0.0.1:{metrics_port}",
                 "--disk-root",
                 str(disk_root),
-                "--upstream-plain-http",
-                image_host,
+                *[arg for host in dict.fromkeys(plain_http) for arg in ("--upstream-plain-http", host)],
                 "--default-registry",
                 image_host,
                 "--containerd-hosts-dir",
@@ -434,8 +481,7 @@ def running_node_stack(
         )
         agent.start()
         stack.callback(agent.stop)
-        namespace = node.cluster.create_namespace("real-node")
-        running = NodeStack(
+        yield NodeStack(
             node=node,
             upstream=upstream,
             proxy=proxy,
@@ -449,9 +495,8 @@ def running_node_stack(
             disk_root=disk_root,
             workdir=workdir,
             namespace=namespace,
+            private=private,
         )
-        on_stack(running)
-        yield running
 
 
 def unique(prefix: str) -> str:
