@@ -10,13 +10,13 @@ node: the pod watch (``kube_pods``) wakes the reconcile loop, which runs one ``P
 (matcher -> ``DiskKeeper`` -> registry, events on the pods) at each change and at least every
 ``reconcile_seconds`` (the grace period and retries are clocked there). The mirror then serves
 only this node's disks (the disk root may be shared, as the local provider's zone directory
-is) and holds the manifests of images whose disk is on its way (``pending_images``); with
-``prefetch_containerd`` it pulls a pod's cached images into containerd as soon as their disk
-is attached (``runtime_prefetch``), while the kubelet sets up the pod's sandbox; the images
-the registry recorded as private are served from the disks only to clients their own registry
-lets pull them (``pull_authority``); a
-restarted agent adopts the disks it finds there under its node's ids before the first round,
-which waits for the first full list of pods: nothing is released for want of knowing.
+is) and holds the manifests of images whose disk is on its way (``pending_images``). A disk
+is served once the registry has said which of its cache's images are private; those are served
+only to clients their own registry lets pull them (``pull_authority``). With
+``prefetch_containerd`` the agent also pulls a pod's cached images into containerd as soon as
+their disk is attached (``runtime_prefetch``; measured slower, off by default). A restarted
+agent adopts the disks it finds there under its node's ids before the first round, which waits
+for the first full list of pods: nothing is released for want of knowing.
 """
 
 from __future__ import annotations
