@@ -42,12 +42,13 @@ from services.extender.api import (
     encode_all_names_pass,
     encode_filter_result,
     encode_score_groups,
+    names_request_without_cache_key,
     split_node_names,
 )
 from services.extender.metrics import ExtenderMetrics
 from services.extender.scheduling import HostScores, Scheduling
 from snapcache.errors import InvalidArgument, SnapcacheError
-from snapcache.pod_requests import PodInfo
+from snapcache.pod_requests import Mode, PodInfo
 from snapcache.rpc_observer import REQUEST_ID_KEY, REQUEST_LOG, REQUEST_LOGGER
 from snapcache.tls import SSLContextFiles
 
@@ -111,6 +112,12 @@ class ExtenderRoutes:
         return status, content_type, answer
 
     def _answer(self, verb: str, body: bytes) -> tuple[int, str, bytes]:
+        if (
+            verb == "prioritize"
+            and self.scheduling.default_mode is Mode.OFF
+            and names_request_without_cache_key(body)
+        ):
+            return 200, _JSON, b"[]"  # every node 0: the pod uses no cache
         split = split_node_names(body)
         if split is not None:
             try:

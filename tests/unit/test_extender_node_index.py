@@ -22,7 +22,9 @@ from services.extender.api import (
     split_node_names,
 )
 from services.extender.decisions import DecisionCache
+from services.extender.http_app import ExtenderRoutes
 from services.extender.matches import Candidate, MatchAnswer, MatchQuery
+from services.extender.metrics import ExtenderMetrics
 from services.extender.node_index import NodeIndex, PlacedNodes
 from services.extender.scheduling import NoEvents, Scheduling
 from snapcache.errors import InvalidArgument
@@ -232,3 +234,21 @@ def test_placed_name_by_name_matches_the_index() -> None:
     by_index = NodeIndex(CLUSTER).locate(names)
     by_name = PlacedNodes.name_by_name(names, [CLUSTER.get(n) for n in names])
     assert by_index.groups() == by_name.groups() and by_index.zones == by_name.zones
+
+
+def test_with_the_default_auto_an_unannotated_pod_is_matched_in_the_schedulers_layout() -> None:
+    recorder = Recorder(answer_in("za"))
+    metrics = ExtenderMetrics(node_cache_synced=lambda: True, node_cache_size=lambda: len(CLUSTER))
+    body = orjson.dumps(
+        {
+            "Pod": {"metadata": {"uid": "u7"}, "spec": {"containers": [{"name": "c", "image": "nginx"}]}},
+            "Nodes": None,
+            "NodeNames": ["a1", "b1"],
+        }
+    )
+    for mode, scores in ((Mode.OFF, b"[]"), (Mode.AUTO, b'[{"Host":"a1","Score":10}]')):
+        scheduling = core(recorder)
+        scheduling.default_mode = mode
+        routes = ExtenderRoutes(scheduling=scheduling, metrics=metrics)
+        assert routes.post("/prioritize", body) == (200, "application/json", scores)
+    assert len(recorder.queries) == 1

@@ -11,7 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.extender.api import decode_args, encode_filter_result, encode_host_priorities, peek_pod
+from services.extender.api import (
+    decode_args,
+    encode_filter_result,
+    encode_host_priorities,
+    names_request_without_cache_key,
+    peek_pod,
+)
 from snapcache.errors import InvalidArgument
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "extender"
@@ -197,3 +203,38 @@ def test_malformed_node_names_are_refused(names_json: bytes) -> None:
     body = b'{"Pod":' + compact(POD) + b',"Nodes":null,"NodeNames":' + names_json + b"}"
     with pytest.raises(InvalidArgument):
         decode_args(body)
+
+
+def names_body(pod: object, names: object = ("n1", "n2")) -> bytes:
+    return compact(
+        {"Pod": pod, "Nodes": None, "NodeNames": list(names) if isinstance(names, tuple) else names}
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "without"),
+    [
+        (names_body({"metadata": {"uid": "u", "annotations": {"team": "a"}}}), True),
+        (names_body({"metadata": {"uid": 5}}), True),  # field types are not checked: no 400 here
+        (names_body({"metadata": {"annotations": {"snapcache.io/use-image-cache": "auto"}}}), False),
+        (
+            names_body({"metadata": {"annotations": {"eks.tke.cloud.tencent.com/use-image-cache": "x"}}}),
+            False,
+        ),
+        (names_body({"metadata": {"labels": {"note": "use-image-cache"}}}), False),  # text anywhere
+        (names_body({"metadata": {"annotations": {"a": "<b>"}}}).replace(b"<", b"\\u003c"), False),
+        (names_body(None), False),
+        (names_body([]), False),
+        (b'{"Pod":{"metadata":{},"Nodes":null,"NodeNames":["n1"]}', False),  # not JSON
+        (json.dumps({"Pod": {}, "Nodes": None, "NodeNames": []}).encode(), False),  # not the layout
+    ],
+)
+def test_a_pod_without_the_annotations_text_is_known_without_decoding_it(body: bytes, without: bool) -> None:
+    assert names_request_without_cache_key(body) is without
+
+
+def test_an_annotation_key_spelled_with_escapes_is_never_taken_for_none() -> None:
+    body = names_body({"metadata": {"annotations": {"snapcache.io/use-image-cache": "auto"}}})
+    escaped = body.replace(b"use-image-cache", b"use-image-c\\u0061che")
+    assert not names_request_without_cache_key(escaped)
+    assert decode_args(escaped).pod.annotations == {"snapcache.io/use-image-cache": "auto"}
