@@ -130,6 +130,7 @@ class MatcherComponent:
     security: ServerSecurity = PLAINTEXT
     registry_security: ClientSecurity = PLAINTEXT_CHANNEL
     max_inflight_rpcs: int = 1024
+    share_node_credentials: bool = False
     name: str = "matcher"
     app: MatcherApp | None = None
 
@@ -148,6 +149,7 @@ class MatcherComponent:
             security=self.security,
             registry_security=self.registry_security,
             max_inflight_rpcs=self.max_inflight_rpcs,
+            share_node_credentials=self.share_node_credentials,
         )
         self.app = MatcherApp(config)
         try:
@@ -422,6 +424,13 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
         default=DEFAULT_MATCHER_LISTEN,
         metavar="HOST:PORT",
         help="the matcher's gRPC address (default %(default)s); 'off' runs no matcher",
+    )
+    serve.add_argument(
+        "--share-node-credentials",
+        action="store_true",
+        help="match images the registry pulled with its own docker config (docker_config_path "
+        "credentials, like a kubelet's node credentials) for every pod; by default for none, as "
+        "no pod names them (docs/security.md)",
     )
     serve.add_argument(
         "--extender-listen",
@@ -712,6 +721,7 @@ def run_serve(args: argparse.Namespace) -> int:
             security=security,
             registry_security=clients,
             max_inflight_rpcs=args.max_inflight_rpcs or 1024,
+            share_node_credentials=args.share_node_credentials,
         )
         components.append(matcher)
     extender: ExtenderComponent | None = None

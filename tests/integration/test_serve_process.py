@@ -7,6 +7,7 @@ the cache ends READY, that finished blobs were not fetched twice, and that nothi
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -27,6 +28,8 @@ from snapcache.demo.oci_images import ImageSpec, LayerSpec, build_image, push_im
 from snapcache.v1 import cache_registry_pb2 as api
 from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
 from snapcache.v1 import image_cache_pb2 as pb
+from snapcache.v1 import matcher_pb2 as mpb
+from snapcache.v1 import matcher_pb2_grpc as mpb_grpc
 from tests.support.oci_fixtures import OciRegistry, PushedImages
 
 pytestmark = pytest.mark.e2e
@@ -42,7 +45,7 @@ def free_port() -> int:
 
 @contextmanager
 def serve(
-    data_dir: Path, port: int, database_url: str, *, matcher_port: int = 0
+    data_dir: Path, port: int, database_url: str, *, matcher_port: int = 0, extra_args: tuple[str, ...] = ()
 ) -> Iterator[subprocess.Popen[bytes]]:
     command = [
         sys.executable,
@@ -59,6 +62,7 @@ def serve(
         f"127.0.0.1:{matcher_port or free_port()}",
         "--extender-listen",
         "off",
+        *extra_args,
     ]
     if database_url:
         command += ["--database-url", database_url]
@@ -232,3 +236,70 @@ def grpcurl_session(address: str, pushed_images: PushedImages) -> str:
     )
     assert got["name"] == created["name"] and got["images"] == [str(pushed_images.worker.reference)]
     return str(created["name"])
+
+
+def _match_private(matcher_port: int, image: str) -> mpb.MatchImageCachesResponse:
+    """The matcher's answer for a pod naming no pull secret, once its index holds a READY cache."""
+    with grpc.insecure_channel(f"127.0.0.1:{matcher_port}") as channel:
+        stub = mpb_grpc.MatcherServiceStub(channel)
+        deadline = time.monotonic() + 30
+        while True:
+            answer = stub.MatchImageCaches(
+                mpb.MatchImageCachesRequest(images=[image], namespace="team-a", validate_only=True),
+                timeout=10,
+            )
+            indexed = answer.decision == mpb.MatchImageCachesResponse.MATCHED or any(
+                r.image_cache for r in answer.rejections
+            )
+            if indexed or time.monotonic() > deadline:
+                return answer
+            time.sleep(0.1)
+
+
+def test_share_node_credentials_decides_who_gets_images_pulled_with_the_registry_s_docker_config(
+    pushed_images: PushedImages, tmp_path: Path
+) -> None:
+    """`serve --share-node-credentials` reaches the matcher: off (the default), an image the
+    registry pulled with its own docker config is matched for no pod; on, for every pod."""
+    private = pushed_images.private_registry
+    assert private.credential is not None
+    auth = base64.b64encode(f"{private.credential.username}:{private.credential.password}".encode()).decode()
+    docker_config = tmp_path / "docker-config.json"
+    docker_config.write_text(json.dumps({"auths": {private.host: {"auth": auth}}}))
+    image = str(pushed_images.private.reference)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    port, matcher_port = free_port(), free_port()
+    with serve(data_dir, port, "", matcher_port=matcher_port):
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = api_grpc.CacheRegistryServiceStub(channel)
+            created = stub.CreateImageCache(
+                api.CreateImageCacheRequest(
+                    image_cache=pb.ImageCache(
+                        images=[image],
+                        cache_size_gib=1,
+                        plain_http_registries=[private.host],
+                        registry_credentials=[
+                            pb.RegistryCredentialRef(docker_config_path=str(docker_config))
+                        ],
+                    )
+                ),
+                timeout=10,
+            )
+            deadline = time.monotonic() + 60
+            cache = created
+            while cache.state != pb.ImageCache.READY and time.monotonic() < deadline:
+                assert cache.state != pb.ImageCache.FAILED, cache.state_message
+                time.sleep(0.1)
+                cache = stub.GetImageCache(api.GetImageCacheRequest(name=created.name), timeout=10)
+            assert cache.state == pb.ImageCache.READY
+            assert [c.requires_credentials for c in cache.cached_images] == [True]
+        unshared = _match_private(matcher_port, image)
+        assert unshared.decision == mpb.MatchImageCachesResponse.NO_MATCH
+        assert [(r.image_cache, r.reason) for r in unshared.rejections] == [
+            (created.name, mpb.Rejection.NOT_AUTHORIZED)
+        ]
+    with serve(data_dir, port, "", matcher_port=matcher_port, extra_args=("--share-node-credentials",)):
+        shared = _match_private(matcher_port, image)
+        assert shared.decision == mpb.MatchImageCachesResponse.MATCHED, shared.message
+        assert shared.image_cache == created.name
