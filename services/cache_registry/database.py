@@ -21,6 +21,7 @@ from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session, create_engine
 
 from snapcache.errors import Aborted, Unavailable
@@ -30,8 +31,13 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> Engine:
-    """An engine for ``url`` (``sqlite:///path`` or ``postgresql+psycopg://...``)."""
+def make_engine(url: str, *, pool_size: int = 10, pool_timeout_seconds: float = 10) -> Engine:
+    """An engine for ``url`` (``sqlite:///path`` or ``postgresql+psycopg://...``).
+
+    On PostgreSQL at most ``2 * pool_size`` connections; a transaction that waits longer than
+    ``pool_timeout_seconds`` for one is refused as retryable (`Database.transaction`), since more
+    handlers may run at once than there are connections (admission bounds handlers, not these).
+    """
     if url.startswith("sqlite"):
         engine = create_engine(
             url,
@@ -64,7 +70,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
-        pool_timeout=10,
+        pool_timeout=pool_timeout_seconds,
         connect_args={"connect_timeout": 5},
     )
 
@@ -100,6 +106,14 @@ class Database:
                     )
                 yield session
                 session.commit()
+        except PoolTimeout as exc:
+            # every connection is in use for longer than the pool waits: overload, not a fault
+            log.warning("database connection pool exhausted: %s", exc)
+            raise Unavailable(
+                reason="DATABASE_BUSY",
+                message="every registry database connection is in use; retry later",
+                metadata={"retry_after_seconds": "1"},
+            ) from exc
         except OperationalError as exc:
             if _is_serialization_failure(exc):
                 raise Aborted(
