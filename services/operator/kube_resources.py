@@ -2,13 +2,13 @@
 
 The only module of the operator that imports the Kubernetes client (checked by `.importlinter`;
 why this client and not kopf: the package docstring).
-Reads: one list, then a watch from its resourceVersion (bookmarks on; a dropped watch resumes
-from the last version seen, a 410 Gone relists), into a map by name that the reconciler reads, so
-a reconcile costs no API read. Writes, with exactly the verbs of deploy/base/operator/rbac.yaml:
-finalizers by a merge patch guarded by resourceVersion (409 -> `ResourceConflict`), status by a
-merge patch of the status subresource, events by create. The answer of every write goes back into
-the map (unless the watch already brought something newer, or the deletion), so the next reconcile
-sees it.
+Reads: one list, then a watch from its resourceVersion, by the project's one list + watch loop
+(`snapcache.kube_list_watch`: a dropped watch resumes, a 410 Gone relists), into a map by name
+that the reconciler reads, so a reconcile costs no API read. Writes, with exactly the verbs of
+deploy/base/operator/rbac.yaml: finalizers by a merge patch guarded by resourceVersion
+(409 -> `ResourceConflict`), status by a merge patch of the status subresource, events by create.
+The answer of every write goes back into the map (unless the watch already brought something
+newer, or the deletion), so the next reconcile sees it.
 
 The operator never reads Secrets; ImageCaches only name them. API errors are logged with their
 status and reason, never their response bodies.
@@ -20,12 +20,11 @@ import datetime
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import urllib3
 from kubernetes import client as kube_client
-from kubernetes import watch as kube_watch
 from kubernetes.client.exceptions import ApiException
 
 from services.operator.model import (
@@ -40,13 +39,13 @@ from services.operator.model import (
     ResourceConflict,
     ResourceGone,
 )
+from snapcache.kube_list_watch import ListWatch
 
 log = logging.getLogger(__name__)
 
 COMPONENT = "snapcache-operator"
 # Events of a cluster-scoped object go to namespace default (as kubectl and the scheduler do for Nodes).
 EVENTS_NAMESPACE = "default"
-_GONE = 410
 _REQUEST_TIMEOUT = 15
 
 
@@ -111,15 +110,21 @@ class ImageCacheResources:
             str, str
         ] = {}  # uid -> name (entries of deleted resources are checked, then pruned)
         self._lock = threading.Lock()
-        self._synced = threading.Event()
-        self._stopping = threading.Event()
-        self._watch_timeout = watch_timeout_seconds
-        self._retry = retry_seconds
-        self._max_retry = max_retry_seconds
-        self._thread: threading.Thread | None = None
-        self._watch: kube_watch.Watch | None = None
+        self.following = ListWatch(
+            self._custom.list_cluster_custom_object,
+            self,
+            what="ImageCaches",
+            list_args=(GROUP, VERSION, PLURAL),
+            watch_timeout_seconds=watch_timeout_seconds,
+            retry_seconds=retry_seconds,
+            max_retry_seconds=max_retry_seconds,
+        )
         self.server = str(api_client.configuration.host)
-        self.relists = 0
+
+    @property
+    def relists(self) -> int:
+        """Full lists done, the first included."""
+        return self.following.relists
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -142,115 +147,55 @@ class ImageCacheResources:
 
     def synced(self) -> bool:
         """True once the first list has been loaded."""
-        return self._synced.is_set()
+        return self.following.synced()
 
     def wait_synced(self, timeout: float) -> bool:
         """Wait for the first list."""
-        return self._synced.wait(timeout)
+        return self.following.wait_synced(timeout)
 
-    # --- following -----------------------------------------------------------------------------
+    # --- following (snapcache.kube_list_watch's target) ---------------------------------------
 
     def start(self) -> None:
         """Start following the resources."""
-        self._thread = threading.Thread(target=self._run, name="operator-imagecaches", daemon=True)
-        self._thread.start()
+        self.following.start()
 
     def stop(self) -> None:
         """Stop following and close the client."""
-        self._stopping.set()
-        if self._watch is not None:
-            self._watch.stop()  # type: ignore[no-untyped-call]
-        if self._thread is not None:
-            self._thread.join(timeout=2)
+        self.following.stop()
         self._api.close()  # type: ignore[no-untyped-call]
 
-    def _run(self) -> None:
-        version = ""
-        failures = 0
-        while not self._stopping.is_set():
-            try:
-                if not version:
-                    version = self._list()
-                version = self._follow(version)
-                failures = 0
-                continue
-            except ApiException as exc:
-                if self._stopping.is_set():
-                    break
-                if exc.status == _GONE:
-                    log.info("ImageCache watch expired (410 Gone); relisting")
-                    version = ""
-                    continue
-                # 403 without RBAC, 404 without the CRD: say so and keep trying
-                log.warning("ImageCaches: Kubernetes API error %s %s; retrying", exc.status, exc.reason)
-            except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-                if self._stopping.is_set():
-                    break
-                log.warning("ImageCaches: cannot reach the Kubernetes API (%s); retrying", type(exc).__name__)
-            except Exception:  # outlive a bug: relist and go on
-                log.exception("following ImageCaches failed; relisting")
-                version = ""
-            failures += 1
-            self._stopping.wait(min(self._retry * 2 ** min(failures - 1, 10), self._max_retry))
-
-    def _list(self) -> str:
-        document = _json_object(
-            self._custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, _request_timeout=60)
-        )
+    def replace(self, items: Sequence[Mapping[str, Any]]) -> None:
+        """A full list: the map becomes exactly these resources; each one's reconcile is asked for."""
         fresh = {}
-        for item in document.get("items") or ():
+        for item in items:
             resource = ImageCacheResource.from_object(item)
             fresh[resource.name] = resource
         with self._lock:
             gone = set(self._objects) - set(fresh)
             self._objects = fresh
             self._names = {r.uid: r.name for r in fresh.values()}
-        self.relists += 1
-        self._synced.set()
-        version = str((document.get("metadata") or {}).get("resourceVersion") or "")
-        log.info("listed %d ImageCaches at resourceVersion %s", len(fresh), version)
         for name in [*fresh, *gone]:
             self._on_change(name)
-        return version
 
-    def _follow(self, version: str) -> str:
-        self._watch = kube_watch.Watch()  # type: ignore[no-untyped-call]
-        for event in self._watch.stream(  # type: ignore[no-untyped-call]
-            self._custom.list_cluster_custom_object,
-            GROUP,
-            VERSION,
-            PLURAL,
-            resource_version=version,
-            timeout_seconds=self._watch_timeout,
-            allow_watch_bookmarks=True,
-            _request_timeout=self._watch_timeout + 10,
-        ):
-            if self._stopping.is_set():
-                break
-            kind = event.get("type")
-            raw: Mapping[str, Any] = event.get("raw_object") or {}
-            if kind == "ERROR":
-                raise ApiException(status=int(raw.get("code") or 500), reason=str(raw.get("reason")))
-            metadata = raw.get("metadata") or {}
-            version = str(metadata.get("resourceVersion") or version)
-            if kind == "BOOKMARK" or not metadata.get("name"):
-                continue
-            resource = ImageCacheResource.from_object(raw)
-            with self._lock:
-                held = self._objects.get(resource.name)
-                if kind == "DELETED":
-                    self._objects.pop(resource.name, None)
-                    self._names.pop(resource.uid, None)
-                # the answer of one of our writes may already be newer than this event
-                elif (
-                    held is None
-                    or held.uid != resource.uid
-                    or _newer(resource.resource_version, held.resource_version)
-                ):
-                    self._objects[resource.name] = resource
-                    self._names[resource.uid] = resource.name
-            self._on_change(resource.name)
-        return version
+    def apply(self, kind: str, obj: Mapping[str, Any]) -> None:
+        """One watch event into the map, unless the answer of one of our writes is newer."""
+        if not (obj.get("metadata") or {}).get("name"):
+            return
+        resource = ImageCacheResource.from_object(obj)
+        with self._lock:
+            held = self._objects.get(resource.name)
+            if kind == "DELETED":
+                self._objects.pop(resource.name, None)
+                self._names.pop(resource.uid, None)
+            # the answer of one of our writes may already be newer than this event
+            elif (
+                held is None
+                or held.uid != resource.uid
+                or _newer(resource.resource_version, held.resource_version)
+            ):
+                self._objects[resource.name] = resource
+                self._names[resource.uid] = resource.name
+        self._on_change(resource.name)
 
     def _remember(self, obj: Mapping[str, Any]) -> ImageCacheResource:
         resource = ImageCacheResource.from_object(obj)
