@@ -224,7 +224,7 @@ def test_a_cached_private_image_reaches_only_a_pod_that_may_pull_it(clean: NodeS
     eventually(refused, what="the pull refused", timeout=60)
     assert stack.disk_dirs() == []
     assert disk_manifests() == served_before  # nothing answered from a disk meanwhile
-    stack.delete_pod(stranger)
+    stack.delete_pod(stranger, force=True)  # its image never pulled: nothing for the kubelet to redo
     # with the Secret: the pod runs from the disk. containerd first asks the mirror without
     # credentials (refused: the registry's challenge relayed), then with the pod's, which the
     # registry accepts: those requests are answered from the disk

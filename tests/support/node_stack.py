@@ -239,16 +239,18 @@ class NodeStack:
             ).items
         return [(e.reason, e.source.component if e.source else "", e.message) for e in listed]
 
-    def delete_pod(self, name: str, timeout: float = 60.0) -> None:
+    def delete_pod(self, name: str, timeout: float = 60.0, *, force: bool = False) -> None:
         """Delete the pod and wait until it is gone: the kubelet removes it once its containers are stopped.
 
-        Not a forced delete (grace 0): that removes the object at once, while the kubelet may still
-        be syncing the pod (and pull its image again, after a test has removed it).
+        Not a forced delete (grace 0) unless ``force``: that removes the object at once, while the
+        kubelet may still be syncing the pod (and pull its image again, after a test has removed
+        it). Forced suits a pod whose pull is refused: the kubelet, backing off between pulls, takes
+        up to a minute to confirm a graceful delete of it.
         """
         api, core = self.node.core()
         with api:
             with contextlib.suppress(k8s.ApiException):
-                core.delete_namespaced_pod(name, self.namespace)
+                core.delete_namespaced_pod(name, self.namespace, grace_period_seconds=0 if force else None)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 try:

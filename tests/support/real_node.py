@@ -25,6 +25,7 @@ before anything starts, and only what was not there before is removed.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -85,6 +86,7 @@ HOST_PATHS = (
     "/opt/cni",
 )
 CHAIN_PREFIXES = ("KUBE-", "CNI-")
+LOCK_PATH = Path(tempfile.gettempdir()) / "snapcache-real-node.lock"
 TABLES = ("filter", "nat", "mangle")
 
 
@@ -438,7 +440,9 @@ def running_real_node(
 ) -> Iterator[RealNode]:
     """A single-node cluster in ``workdir`` (see the module docstring); host state restored on exit.
 
-    ``before_kubelet(hosts_dir)`` runs once containerd is up, before the kubelet starts.
+    One at a time per machine (a lock file in the temp dir; another waits up to 15 minutes):
+    two would share the bridge, ``/run/containerd`` and iptables, and each teardown would take
+    the other's down. ``before_kubelet(hosts_dir)`` runs once containerd is up, before the kubelet.
     """
     _require("containerd", "ctr", "runc", "iptables", "ip", "umount")
     if not (CNI_BIN_DIR / "bridge").exists():
@@ -447,6 +451,44 @@ def running_real_node(
         )
     for name in ("kubelet", "kube-controller-manager", "kube-scheduler"):
         _binary(name)
+    with _machine_lock(timeout):
+        yield from _running_real_node(
+            workdir, extenders=extenders, zone=zone, before_kubelet=before_kubelet, timeout=timeout
+        )
+
+
+@contextlib.contextmanager
+def _held_lock(path: Path, timeout: float) -> Iterator[None]:
+    with path.open("a") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"another real node held {path} for {timeout:.0f} s", pytrace=False)
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _machine_lock(timeout: float) -> contextlib.AbstractContextManager[None]:
+    """One real node per machine at a time (test runs, the benchmark): they share the host's
+    bridge, /run/containerd, /var/lib/cni and iptables, and each puts them back as it found them."""
+    return _held_lock(LOCK_PATH, max(timeout, 900.0))
+
+
+def _running_real_node(
+    workdir: Path,
+    *,
+    extenders: Sequence[Mapping[str, Any]],
+    zone: str,
+    before_kubelet: Callable[[Path], None],
+    timeout: float,
+) -> Iterator[RealNode]:
     host = HostState.record()
     directory = Path(tempfile.mkdtemp(prefix="sc-node-", dir="/tmp"))
     problems: list[str] = []
