@@ -17,7 +17,7 @@ import orjson
 
 from services.extender.node_index import PLAIN_NAME_CHARS
 from snapcache.errors import InvalidArgument, invalid
-from snapcache.pod_requests import PodInfo
+from snapcache.pod_requests import PodInfo, pull_secret_names
 
 MIN_SCORE: Final = 0  # MinExtenderPriority
 MAX_SCORE: Final = 10  # MaxExtenderPriority
@@ -100,6 +100,7 @@ def decode_pod(value: Any) -> PodInfo:
         annotations=_string_map(metadata.get("annotations"), "Pod.metadata.annotations"),
         init_images=_containers(spec, "initContainers"),
         images=_containers(spec, "containers"),
+        image_pull_secrets=pull_secret_names(spec.get("imagePullSecrets")),
     )
 
 

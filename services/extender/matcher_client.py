@@ -83,6 +83,8 @@ def match_request(query: MatchQuery) -> mpb.MatchImageCachesRequest:
         strict=query.strict,
         zones=query.zones,
         validate_only=query.validate_only,
+        namespace=query.namespace,
+        image_pull_secrets=query.image_pull_secrets,
     )
 
 

@@ -30,6 +30,9 @@ class MatchQuery:
     strict: bool = False
     zones: tuple[str, ...] = ()  # zones of the candidate nodes; () = any zone
     validate_only: bool = True
+    # who asks: a cached private image only for pods of its Secret's namespace naming it
+    namespace: str = ""
+    image_pull_secrets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

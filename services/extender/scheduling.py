@@ -187,6 +187,8 @@ class Scheduling:
             strict=request.strict,
             zones=zones,
             validate_only=not first,
+            namespace=request.namespace,
+            image_pull_secrets=request.image_pull_secrets,
         )
         answer = self.match(query)
         if pod.uid:

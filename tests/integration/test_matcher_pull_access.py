@@ -5,7 +5,8 @@ A tenant's namespace holds a ``kubernetes.io/dockerconfigjson`` Secret for a pri
 least-privileged user and builds a cache of the tenant's private image and a public one; the real
 matcher follows it over gRPC. Pods are real Pod objects in the kube-apiserver, read back as the API
 serves them and turned into requests by the ground floor's `pod_requests`, then asked about the
-way the node agent asks (`MatcherLookup`) and straight over gRPC:
+way the node agent asks (`MatcherLookup`), straight over gRPC, and as kube-scheduler asks the
+real extender (the Pod's JSON as the API served it, in an ExtenderArgs):
 
 - a pod in the Secret's namespace that names it gets the cache;
 - a pod of another namespace (even one naming a Secret of the same name there) or one that does
@@ -25,10 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
+import orjson
 import pytest
 from kubernetes import client as k8s
 
 from services.cache_registry.server import RegistryApp, RegistryConfig
+from services.extender.server import ExtenderApp, ExtenderConfig
 from services.matcher.index_sync import SyncSettings
 from services.matcher.server import MatcherApp, MatcherConfig
 from services.node_agent.matcher_lookup import MatcherLookup
@@ -102,6 +106,7 @@ class World:
     public_image: str
     matcher: mpb_grpc.MatcherServiceStub
     lookup: MatcherLookup
+    matcher_address: str
 
     def pod(
         self, namespace: str, name: str, *images: str, pull_secrets: tuple[str, ...] = (), **annotations: str
@@ -194,6 +199,7 @@ def world(
                     public_image=str(pushed_images.web.reference),
                     matcher=mpb_grpc.MatcherServiceStub(matcher_channel),
                     lookup=lookup,
+                    matcher_address=f"127.0.0.1:{matcher.port}",
                 )
         finally:
             if lookup is not None:
@@ -291,3 +297,37 @@ def test_a_manual_match_obeys_the_rule(world: World) -> None:
     )
     found = world.lookup.lookup(owner, zone=ZONE)
     assert (found.cache_id, found.decision) == (cache_id, "MATCHED")
+
+
+def _node(name: str, zone: str) -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}}}
+
+
+def test_the_extender_steers_only_pods_allowed_to_use_the_secret(world: World) -> None:
+    """kube-scheduler's prioritize (full Nodes mode) through the real extender and matcher: the
+    owner's node in the cache's zone scores; the stranger's nodes score nothing."""
+    images = (world.private_image, world.public_image)
+    owner = world.pod(world.tenant, "steered-owner", *images, pull_secrets=(SECRET,))
+    _eventually(
+        lambda: world.ask(owner).decision == _DECISIONS.Value("MATCHED"), "the matcher to know the cache"
+    )
+    world.pod(world.stranger, "steered-stranger", *images, pull_secrets=(SECRET,))
+    extender = ExtenderApp(
+        ExtenderConfig(matcher_target=world.matcher_address, listen="127.0.0.1:0", matcher_budget_seconds=2.0)
+    )
+    extender.start()
+    try:
+        nodes = {"items": [_node("node-in-zone", ZONE), _node("node-elsewhere", "other-zone")]}
+
+        def prioritize(namespace: str, name: str) -> list[dict[str, Any]]:
+            served = world.core.read_namespaced_pod(name, namespace, _preload_content=False)
+            body = orjson.dumps({"Pod": json.loads(served.data), "Nodes": nodes})
+            answer = httpx.post(f"http://127.0.0.1:{extender.port}/prioritize", content=body, timeout=10)
+            assert answer.status_code == 200, answer.text
+            scores: list[dict[str, Any]] = answer.json()
+            return scores
+
+        assert {"Host": "node-in-zone", "Score": 10} in prioritize(world.tenant, "steered-owner")
+        assert all(s["Score"] == 0 for s in prioritize(world.stranger, "steered-stranger"))
+    finally:
+        extender.stop()

@@ -10,6 +10,7 @@ from services.extender import matches
 from services.extender.api import decode_args
 from services.extender.decisions import DecisionCache
 from services.extender.filtering import filter_nodes
+from services.extender.matcher_client import match_request
 from services.extender.matches import Candidate, MatchAnswer, MatchQuery
 from services.extender.scheduling import Scheduling
 from services.extender.scoring import node_scores, zone_scores
@@ -337,3 +338,17 @@ def test_prioritize_without_a_filter_call_asks_the_matcher_itself() -> None:
         decode_args(args({"snapcache.io/use-image-cache": "auto"}, ["n-a"], uid="u9"))
     ) == [10]
     assert len(recorder.queries) == 1
+
+
+def test_the_query_says_who_asks_namespace_and_pull_secrets() -> None:
+    import orjson
+
+    recorder = Recorder([answer(cand(1, {"a"}))])
+    core = scheduling(recorder, {"n-a": "a"})
+    body = orjson.loads(args({"snapcache.io/use-image-cache": "auto"}, ["n-a"]))
+    body["Pod"]["spec"]["imagePullSecrets"] = [{"name": "regcred"}, {"name": "other"}, {"name": "regcred"}]
+    core.prioritize(decode_args(orjson.dumps(body)))
+    (query,) = recorder.queries
+    assert (query.namespace, query.image_pull_secrets) == ("ns", ("regcred", "other"))
+    request = match_request(query)
+    assert (request.namespace, list(request.image_pull_secrets)) == ("ns", ["regcred", "other"])
