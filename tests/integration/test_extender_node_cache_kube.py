@@ -73,7 +73,7 @@ def test_a_watch_from_a_compacted_version_is_a_410(
     with kube_cluster.api_client() as client:
         cache = NodeZoneCache(client, watch_timeout_seconds=5)
         with pytest.raises(ApiException) as raised:
-            cache._follow(stale)
+            cache.following.watch_once(stale)
     assert raised.value.status == 410
 
 
@@ -83,7 +83,7 @@ def test_the_cache_relists_after_a_410_and_keeps_following(
     name, stale = churned
     with kube_cluster.api_client() as client:
         cache = NodeZoneCache(client, watch_timeout_seconds=5, retry_seconds=0.05)
-        real_list = cache._list
+        real_list = cache.following.list_once
         first = threading.Event()
 
         def list_then_resume_from_a_stale_version() -> str:
@@ -95,7 +95,7 @@ def test_the_cache_relists_after_a_410_and_keeps_following(
                 return stale
             return version
 
-        cache._list = list_then_resume_from_a_stale_version  # type: ignore[method-assign]
+        cache.following.list_once = list_then_resume_from_a_stale_version  # type: ignore[method-assign]
         cache.start()
         try:
             _eventually(lambda: cache.relists >= 2, what="a relist after the 410")
