@@ -98,10 +98,14 @@ def test_a_cached_pod_runs_with_no_blob_from_upstream_and_an_uncached_one_pulls(
     big_layers = _layer_digests(stack, "demo/big:1.0")
     # no annotation: pulled from the upstream registry through the mirror, as without snapcache
     since = len(stack.upstream.read_log())
+    passed_before = stack.agent.metric("snapcache_node_agent_served_bytes_total", source="upstream")
     plain = unique("plain")
     stack.pod(plain, "demo/big:1.0")
     stack.wait_running(plain, timeout=180)
     assert big_layers <= set(stack.upstream_blob_gets(since, "demo/big"))
+    own_layers = sum(layer.size for layer in stack.images["demo/big:1.0"].layers[:-1])
+    passed = stack.agent.metric("snapcache_node_agent_served_bytes_total", source="upstream") - passed_before
+    assert passed >= own_layers  # passed through the mirror, counted as such
     assert stack.disk_dirs() == []  # nobody asked for a disk
     stack.delete_pod(plain)
     stack.forget_images("demo/big:1.0")
@@ -122,7 +126,6 @@ def test_a_cached_pod_runs_with_no_blob_from_upstream_and_an_uncached_one_pulls(
         what="the agent's event",
     )
     assert "ImageCacheDiskReady" in reasons
-    own_layers = sum(layer.size for layer in stack.images["demo/big:1.0"].layers[:-1])
     served = stack.agent.metric("snapcache_node_agent_served_bytes_total", source="disk") - served_before
     assert served >= own_layers
     assert stack.agent.metric("snapcache_node_agent_pods_accelerated_total") == accelerated_before + 1
