@@ -75,7 +75,7 @@ def test_a_watch_from_a_compacted_version_is_a_410(kube_cluster: KubeCluster, st
     with kube_cluster.api_client() as client:
         pods = NodePods(client, node="nowhere", watch_timeout_seconds=5)
         with pytest.raises(ApiException) as raised:
-            pods._follow(stale)
+            pods.following.watch_once(stale)
     assert raised.value.status == 410
 
 
@@ -88,7 +88,7 @@ def test_the_watch_follows_its_nodes_pods_and_relists_after_a_410(
     theirs = _pod(core, namespace, f"other-{node}")
     with kube_cluster.api_client() as client:
         pods = NodePods(client, node=node, watch_timeout_seconds=5, retry_seconds=0.05)
-        real_list = pods._list
+        real_list = pods.following.list_once
         first = threading.Event()
 
         def list_then_resume_from_a_stale_version() -> str:
@@ -100,7 +100,7 @@ def test_the_watch_follows_its_nodes_pods_and_relists_after_a_410(
                 return stale
             return version
 
-        pods._list = list_then_resume_from_a_stale_version  # type: ignore[method-assign]
+        pods.following.list_once = list_then_resume_from_a_stale_version  # type: ignore[method-assign]
         pods.start()
         try:
             _eventually(lambda: pods.relists >= 2, what="a relist after the 410")
