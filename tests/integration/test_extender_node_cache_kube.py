@@ -10,10 +10,8 @@ test cluster serves node watches from etcd (see `kube_cluster`), so compacting e
 from __future__ import annotations
 
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -22,6 +20,7 @@ from kubernetes.client.exceptions import ApiException
 
 from services.extender.node_cache import NodeZoneCache
 from tests.support.kube_cluster import KubeCluster
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -32,15 +31,6 @@ def _node(name: str, zone: str) -> k8s.V1Node:
         metadata=k8s.V1ObjectMeta(name=name, labels={"topology.kubernetes.io/zone": zone}),
         status=k8s.V1NodeStatus(capacity=capacity, allocatable=capacity),
     )
-
-
-def _eventually(check: Callable[[], Any], *, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -98,15 +88,15 @@ def test_the_cache_relists_after_a_410_and_keeps_following(
         cache.following.list_once = list_then_resume_from_a_stale_version  # type: ignore[method-assign]
         cache.start()
         try:
-            _eventually(lambda: cache.relists >= 2, what="a relist after the 410")
+            eventually(lambda: cache.relists >= 2, what="a relist after the 410")
             assert cache.zone(name) == "zone-x"
             late = f"late-{uuid.uuid4().hex[:8]}"
             core.create_node(_node(late, "zone-y"))
             try:
-                _eventually(lambda: cache.zone(late) == "zone-y", what="the watch after the relist")
+                eventually(lambda: cache.zone(late) == "zone-y", what="the watch after the relist")
             finally:
                 core.delete_node(late)
-            _eventually(lambda: cache.zone(late) is None, what="the delete seen")
+            eventually(lambda: cache.zone(late) is None, what="the delete seen")
             assert cache.relists == 2  # one relist for one 410, not a loop
         finally:
             cache.stop()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -21,6 +21,7 @@ from kubernetes.client.exceptions import ApiException
 
 from snapcache.kube_list_watch import ListWatch
 from tests.support.kube_cluster import KubeCluster
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -57,15 +58,6 @@ class Recorder:
             return self.objects.get(name)
 
 
-def _eventually(check: Callable[[], Any], *, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 def namespace(kube_cluster: KubeCluster) -> str:
     return kube_cluster.create_namespace("list-watch")
@@ -98,7 +90,7 @@ def test_a_list_then_every_change_as_an_event(core: k8s.CoreV1Api, namespace: st
         core.create_namespaced_config_map(namespace, _config_map("after", "2"))
         core.patch_namespaced_config_map("before", namespace, {"data": {"value": "3"}})
         core.delete_namespaced_config_map("after", namespace)
-        _eventually(lambda: ("DELETED", "after") in target.events, what="the delete")
+        eventually(lambda: ("DELETED", "after") in target.events, what="the delete")
         assert target.events == [("ADDED", "after"), ("MODIFIED", "before"), ("DELETED", "after")]
         assert target.objects == {"before": {"value": "3"}}
         assert loop.relists == 1  # watches that time out resume; they do not relist
@@ -167,10 +159,10 @@ def test_a_compacted_version_is_a_410_then_one_relist(
     loop.list_once = list_then_resume_from_a_stale_version  # type: ignore[method-assign]
     loop.start()
     try:
-        _eventually(lambda: loop.relists >= 2, what="a relist after the 410")
+        eventually(lambda: loop.relists >= 2, what="a relist after the 410")
         assert target.data("churn") == {"value": "3"}
         core.create_namespaced_pod(namespace, _pod("late", "x"))
-        _eventually(lambda: target.data("late") == {"value": "x"}, what="the watch after the relist")
+        eventually(lambda: target.data("late") == {"value": "x"}, what="the watch after the relist")
         assert loop.relists == 2  # one relist for one 410, not a loop
     finally:
         loop.stop()
@@ -186,10 +178,10 @@ def test_a_target_that_raises_gets_a_fresh_list(core: k8s.CoreV1Api, namespace: 
         assert loop.wait_synced(20)
         target.fail_next_event = True
         core.create_namespaced_config_map(namespace, _config_map("lost", "1"))
-        _eventually(lambda: loop.relists == 2, what="the relist after the target's failure")
+        eventually(lambda: loop.relists == 2, what="the relist after the target's failure")
         assert target.data("lost") == {"value": "1"}  # the event it dropped came back by the list
         core.create_namespaced_config_map(namespace, _config_map("next", "2"))
-        _eventually(lambda: target.data("next") == {"value": "2"}, what="following after the relist")
+        eventually(lambda: target.data("next") == {"value": "2"}, what="following after the relist")
     finally:
         loop.stop()
 

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from snapcache.v1 import matcher_pb2 as mpb
 from snapcache.v1 import matcher_pb2_grpc as mpb_grpc
 from tests.support.kube_cluster import KubeCluster
 from tests.support.oci_fixtures import PRIVATE_PASSWORD, PRIVATE_USER, PushedImages
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -140,15 +140,6 @@ class World:
         )
 
 
-def _eventually(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 def world(
     kube_cluster: KubeCluster, pushed_images: PushedImages, tmp_path: Path, sqlite_url: str
@@ -231,7 +222,7 @@ def _build(stub: api_grpc.CacheRegistryServiceStub, pushed: PushedImages, secret
             z.zone == ZONE and z.state == pb.ZoneAvailability.AVAILABLE for z in cache.zone_availability
         )
 
-    _eventually(available, f"{created.name} READY in {ZONE}")
+    eventually(available, what=f"{created.name} READY in {ZONE}", timeout=60)
     return found[0]
 
 
@@ -251,8 +242,8 @@ def test_only_pods_allowed_to_use_the_secret_get_the_cache(world: World) -> None
     images = (world.private_image, world.public_image)
     owner = world.pod(world.tenant, "owner", *images, pull_secrets=(SECRET,))
     assert (owner.namespace, owner.image_pull_secrets) == (world.tenant, (SECRET,))  # as the API served it
-    _eventually(
-        lambda: world.ask(owner).decision == _DECISIONS.Value("MATCHED"), "the matcher to know the cache"
+    eventually(
+        lambda: world.ask(owner).decision == _DECISIONS.Value("MATCHED"), what="the matcher to know the cache"
     )
     found = world.lookup.lookup(owner, zone=ZONE)
     assert (found.cache_id, found.decision) == (cache_id, "MATCHED")
@@ -308,8 +299,8 @@ def test_the_extender_steers_only_pods_allowed_to_use_the_secret(world: World) -
     owner's node in the cache's zone scores; the stranger's nodes score nothing."""
     images = (world.private_image, world.public_image)
     owner = world.pod(world.tenant, "steered-owner", *images, pull_secrets=(SECRET,))
-    _eventually(
-        lambda: world.ask(owner).decision == _DECISIONS.Value("MATCHED"), "the matcher to know the cache"
+    eventually(
+        lambda: world.ask(owner).decision == _DECISIONS.Value("MATCHED"), what="the matcher to know the cache"
     )
     world.pod(world.stranger, "steered-stranger", *images, pull_secrets=(SECRET,))
     extender = ExtenderApp(

@@ -9,10 +9,8 @@ so compacting etcd makes a real 410.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -21,17 +19,9 @@ from kubernetes.client.exceptions import ApiException
 
 from services.node_agent.kube_pods import NodePods
 from tests.support.kube_cluster import KubeCluster
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
-
-
-def _eventually(check: Callable[[], Any], *, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -103,18 +93,18 @@ def test_the_watch_follows_its_nodes_pods_and_relists_after_a_410(
         pods.following.list_once = list_then_resume_from_a_stale_version  # type: ignore[method-assign]
         pods.start()
         try:
-            _eventually(lambda: pods.relists >= 2, what="a relist after the 410")
+            eventually(lambda: pods.relists >= 2, what="a relist after the 410")
             assert set(pods.pods()) == {mine}  # the field selector: this node's pods only
             late = _pod(core, namespace, node)
-            _eventually(lambda: late in pods.pods(), what="the watch after the relist")
+            eventually(lambda: late in pods.pods(), what="the watch after the relist")
             # a finished pod needs no disk
             name = next(
                 p.metadata.name for p in core.list_namespaced_pod(namespace).items if p.metadata.uid == late
             )
             core.patch_namespaced_pod_status(name, namespace, {"status": {"phase": "Succeeded"}})
-            _eventually(lambda: late not in pods.pods(), what="the finished pod dropped")
+            eventually(lambda: late not in pods.pods(), what="the finished pod dropped")
             core.delete_collection_namespaced_pod(namespace, grace_period_seconds=0)
-            _eventually(lambda: pods.pods() == {}, what="the deletes seen")
+            eventually(lambda: pods.pods() == {}, what="the deletes seen")
             assert pods.relists == 2  # one relist for one 410, not a loop
             assert theirs not in pods.pods()
         finally:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from snapcache.v1 import cache_registry_pb2 as api
 from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
 from snapcache.v1 import image_cache_pb2 as pb
 from tests.support.kube_cluster import KubeCluster
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -135,16 +136,6 @@ def namespace(kube_cluster: KubeCluster) -> str:
     return kube_cluster.create_namespace("node-agent")
 
 
-def _eventually(check: Callable[[], Any], *, what: str, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 def _node(core: k8s.CoreV1Api, zone: str) -> str:
     name = f"agent-node-{uuid.uuid4().hex[:8]}"
     capacity = {"cpu": "4", "memory": "8Gi", "pods": "110"}
@@ -224,7 +215,7 @@ def test_opted_in_pods_share_one_disk_in_their_zone_released_after_the_grace_per
     try:
         assert agent.zone == "zone-a"
         first = _pod(core, namespace, node, world.image, {USE: "auto"})
-        ready = _eventually(
+        ready = eventually(
             lambda: _event(core, namespace, first, "ImageCacheDiskReady"), what="a ready event"
         )
         assert ready.type == "Normal" and disk_id in ready.message and "zone-a" in ready.message
@@ -238,12 +229,12 @@ def test_opted_in_pods_share_one_disk_in_their_zone_released_after_the_grace_per
         second = _pod(
             core, namespace, node, world.image, {"eks.tke.cloud.tencent.com/use-image-cache": world.cache_id}
         )
-        _eventually(
+        eventually(
             lambda: _event(core, namespace, second, "ImageCacheDiskReady"), what="the second ready event"
         )
         # a pod that did not opt in gets nothing and changes nothing
         plain = _pod(core, namespace, node, world.image)
-        _eventually(
+        eventually(
             lambda: agent.pod_disks is not None and plain in agent.pod_disks.wanted(), what="the plain pod"
         )
         assert agent.pod_disks is not None and agent.pod_disks.wanted()[plain] == ""
@@ -255,10 +246,10 @@ def test_opted_in_pods_share_one_disk_in_their_zone_released_after_the_grace_per
         # all gone: the disk is kept through the grace period, then released
         _delete_pods(core, namespace)
         gone_at = time.monotonic()
-        _eventually(lambda: disk_id not in _live_disks(world), what="the disk's release")
+        eventually(lambda: disk_id not in _live_disks(world), what="the disk's release")
         assert time.monotonic() - gone_at >= 0.8
         assert not (world.root_a / disk_id).exists()
-        _eventually(lambda: agent.catalogue.disk_ids == [], what="the catalogue to drop the disk")
+        eventually(lambda: agent.catalogue.disk_ids == [], what="the catalogue to drop the disk")
         assert len(_events(core, namespace, first)) == 1  # de-duplicated across rounds
     finally:
         agent.stop()
@@ -273,7 +264,7 @@ def test_a_restarted_agent_adopts_its_disks_and_leaks_none(
     first = _agent(world, node, world.root_a, zone="zone-a")
     try:
         pod = _pod(core, namespace, node, world.image, {USE: "auto"})
-        _eventually(lambda: _event(core, namespace, pod, "ImageCacheDiskReady"), what="a ready event")
+        eventually(lambda: _event(core, namespace, pod, "ImageCacheDiskReady"), what="a ready event")
     finally:
         first.stop()
     assert disk_id in _live_disks(world)  # a stopped agent leaves its disks for the next one
@@ -286,7 +277,7 @@ def test_a_restarted_agent_adopts_its_disks_and_leaks_none(
         assert disk_id in _live_disks(world)
         assert _metric(again, "snapcache_node_agent_provisioning_seconds_count") == 0
         _delete_pods(core, namespace)
-        _eventually(lambda: disk_id not in _live_disks(world), what="the adopted disk's release")
+        eventually(lambda: disk_id not in _live_disks(world), what="the adopted disk's release")
         assert not (world.root_a / disk_id).exists()
     finally:
         again.stop()
@@ -300,7 +291,7 @@ def test_a_zone_out_of_capacity_gives_a_warning_and_the_pod_pulls(
     agent = _agent(world, node, world.root_full)
     try:
         pod = _pod(core, namespace, node, world.image, {USE: world.cache_id})
-        failed = _eventually(
+        failed = eventually(
             lambda: _event(core, namespace, pod, "ImageCacheDiskFailed"), what="a warning event"
         )
         assert failed.type == "Warning"
@@ -308,7 +299,7 @@ def test_a_zone_out_of_capacity_gives_a_warning_and_the_pod_pulls(
         assert agent.keeper is not None and agent.keeper.disk_ids == frozenset()
         assert agent.catalogue.disk_ids == []  # the mirror passes this pod's pulls through
         reason = "ZONE_CAPACITY_EXHAUSTED"
-        _eventually(  # retried later, refused again, and said once
+        eventually(  # retried later, refused again, and said once
             lambda: _metric(agent, "snapcache_node_agent_provisioning_failures_total", reason=reason) >= 2,
             what="a retry",
         )
@@ -330,7 +321,7 @@ def test_a_matcher_that_cannot_answer_fails_open(world: World, core: k8s.CoreV1A
     )
     try:
         pod = _pod(core, namespace, node, world.image, {USE: "auto"})
-        _eventually(
+        eventually(
             lambda: (
                 _metric(
                     agent, "snapcache_node_agent_provisioning_failures_total", reason="MATCHER_UNAVAILABLE"
@@ -352,7 +343,7 @@ def test_a_named_cache_not_in_the_nodes_zone_gives_a_warning(
     agent = _agent(world, node, world.root_a)
     try:
         pod = _pod(core, namespace, node, world.image, {USE: world.cache_id})
-        failed = _eventually(
+        failed = eventually(
             lambda: _event(core, namespace, pod, "ImageCacheDiskFailed"), what="a warning event"
         )
         assert failed.type == "Warning" and "MANUAL_NOT_AVAILABLE" in failed.message
@@ -388,10 +379,10 @@ def test_the_command_provisions_for_its_nodes_pods_and_stops_on_sigterm(
         line = process.stdout.readline()
         assert f"disks for the pods of node {node} in zone zone-a" in line, line
         pod = _pod(core, namespace, node, world.image, {USE: "auto"})
-        _eventually(lambda: _event(core, namespace, pod, "ImageCacheDiskReady"), what="a ready event")
+        eventually(lambda: _event(core, namespace, pod, "ImageCacheDiskReady"), what="a ready event")
         assert disk_id in _live_disks(world)
         _delete_pods(core, namespace)
-        _eventually(lambda: disk_id not in _live_disks(world), what="the release (no grace)")
+        eventually(lambda: disk_id not in _live_disks(world), what="the release (no grace)")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
     finally:
