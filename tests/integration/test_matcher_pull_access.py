@@ -69,31 +69,6 @@ def _pull_secret(core: k8s.CoreV1Api, namespace: str, host: str) -> None:
     )
 
 
-def _let_registry_read_secrets(kube_cluster: KubeCluster, namespace: str) -> None:
-    """RBAC: the registry's user (``limited``) may get Secrets in ``namespace``, nothing more."""
-    with kube_cluster.api_client() as client:
-        rbac = k8s.RbacAuthorizationV1Api(client)
-        rbac.create_namespaced_role(
-            namespace,
-            k8s.V1Role(
-                metadata=k8s.V1ObjectMeta(name="read-pull-secrets"),
-                rules=[k8s.V1PolicyRule(api_groups=[""], resources=["secrets"], verbs=["get"])],
-            ),
-        )
-        rbac.create_namespaced_role_binding(
-            namespace,
-            k8s.V1RoleBinding(
-                metadata=k8s.V1ObjectMeta(name="read-pull-secrets"),
-                role_ref=k8s.V1RoleRef(
-                    api_group="rbac.authorization.k8s.io", kind="Role", name="read-pull-secrets"
-                ),
-                subjects=[
-                    k8s.RbacV1Subject(kind="User", name="limited", api_group="rbac.authorization.k8s.io")
-                ],
-            ),
-        )
-
-
 @dataclass
 class World:
     """The cluster, the registry app, the matcher and the cache built from the tenant's Secret."""
@@ -147,7 +122,7 @@ def world(
     host = pushed_images.private_registry.host
     tenant = kube_cluster.create_namespace("tenant")
     stranger = kube_cluster.create_namespace("stranger")
-    _let_registry_read_secrets(kube_cluster, tenant)
+    kube_cluster.allow_secret_reading(tenant)
     with kube_cluster.api_client() as client:
         core = k8s.CoreV1Api(client)
         _pull_secret(core, tenant, host)

@@ -97,31 +97,6 @@ def _dockerconfigjson(host: str, user: str, password: str) -> str:
     return json.dumps({"auths": {host: {"auth": _b64(f"{user}:{password}")}}})
 
 
-def _grant_secret_reading(cluster: KubeCluster, namespace: str) -> None:
-    """The registry's user (``limited``) may get Secrets in ``namespace``, nothing else."""
-    with cluster.api_client() as client:
-        rbac = k8s.RbacAuthorizationV1Api(client)
-        rbac.create_namespaced_role(
-            namespace,
-            k8s.V1Role(
-                metadata=k8s.V1ObjectMeta(name="read-pull-secrets"),
-                rules=[k8s.V1PolicyRule(api_groups=[""], resources=["secrets"], verbs=["get"])],
-            ),
-        )
-        rbac.create_namespaced_role_binding(
-            namespace,
-            k8s.V1RoleBinding(
-                metadata=k8s.V1ObjectMeta(name="read-pull-secrets"),
-                role_ref=k8s.V1RoleRef(
-                    api_group="rbac.authorization.k8s.io", kind="Role", name="read-pull-secrets"
-                ),
-                subjects=[
-                    k8s.RbacV1Subject(kind="User", name="limited", api_group="rbac.authorization.k8s.io")
-                ],
-            ),
-        )
-
-
 class Served:
     """``snapcache serve`` (registry + matcher) as a process, with its output in a file."""
 
@@ -209,7 +184,7 @@ def test_a_planted_password_reaches_nothing_anyone_can_see(
     digest = push_image(private_registry.url, image, auth=(planted.user, planted.password))
     reference = f"{private_registry.host}/private/planted:1.0"
     namespace = kube_cluster.create_namespace("planted")
-    _grant_secret_reading(kube_cluster, namespace)
+    kube_cluster.allow_secret_reading(namespace)
     with kube_cluster.api_client() as client:
         core = k8s.CoreV1Api(client)
         for name, password in (("right", planted.password), ("wrong", planted.wrong)):

@@ -217,6 +217,33 @@ class KubeCluster:
             )
         return name
 
+    def allow_secret_reading(self, namespace: str, *, user: str = "limited") -> None:
+        """RBAC: the user ``user`` may get Secrets in ``namespace``, nothing more (what the registry
+        needs to read the dockerconfigjson Secrets caches name)."""
+        with self.api_client() as api:
+            rbac = kube_client.RbacAuthorizationV1Api(api)
+            rbac.create_namespaced_role(
+                namespace,
+                kube_client.V1Role(
+                    metadata=kube_client.V1ObjectMeta(name="read-pull-secrets"),
+                    rules=[kube_client.V1PolicyRule(api_groups=[""], resources=["secrets"], verbs=["get"])],
+                ),
+            )
+            rbac.create_namespaced_role_binding(
+                namespace,
+                kube_client.V1RoleBinding(
+                    metadata=kube_client.V1ObjectMeta(name="read-pull-secrets"),
+                    role_ref=kube_client.V1RoleRef(
+                        api_group="rbac.authorization.k8s.io", kind="Role", name="read-pull-secrets"
+                    ),
+                    subjects=[
+                        kube_client.RbacV1Subject(
+                            kind="User", name=user, api_group="rbac.authorization.k8s.io"
+                        )
+                    ],
+                ),
+            )
+
     def write_scheduler_config(
         self, path: Path, *, extenders: Sequence[Mapping[str, Any]] = (), scheduler_name: str = ""
     ) -> Path:
