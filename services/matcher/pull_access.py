@@ -30,11 +30,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol, TypeVar
 
-if TYPE_CHECKING:  # the index files entries by these; imported for types only (no cycle at run time)
-    from services.matcher.index import HeldImage
-    from services.matcher.match_requests import PodImage
+# what the index holds and what the pod asks for, as this module only passes them through (the
+# index's HeldImage and match_requests' PodImage; typed generically so the index, which files
+# grants, is not imported back)
+Held = TypeVar("Held")
+Asked = TypeVar("Asked")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +103,12 @@ def refusal(grant: Grant, *, namespace: str, pull_secrets: frozenset[str]) -> st
 
 
 def first_refusal(
-    private: Mapping[HeldImage, Grant],
-    covered: Iterable[tuple[PodImage, HeldImage]],
+    private: Mapping[Held, Grant],
+    covered: Iterable[tuple[Asked, Held]],
     *,
     namespace: str,
     pull_secrets: frozenset[str],
-) -> tuple[PodImage, str] | None:
+) -> tuple[Asked, str] | None:
     """The first of the pod's covered images it may not use from the cache, and why; None if none.
 
     ``private`` maps the cache's private images to their grants; ``covered`` pairs each pod image
