@@ -42,6 +42,8 @@ class MatcherConfig:
     """Everything the matcher needs to start; validated before anything starts."""
 
     registry_target: str  # host:port of the cache registry
+    # "" serves no gRPC: the matcher answers only in its own process (an extender beside it,
+    # `snapcache_cli.colocated_matcher`)
     listen: str = "127.0.0.1:50052"
     hit_flush_seconds: float = 2.0
     metrics_listen: str = ""  # host:port for /metrics; "" for none
@@ -118,15 +120,17 @@ class MatcherApp:
         ]
 
     def start(self, *, wait_loaded_seconds: float = 0.0) -> MatcherApp:
-        """Start following the registry and serving; optionally wait for the first load."""
-        self.server = create_aio_server(
-            self.config.listen,
-            self.bindings(),
-            thread_name="matcher-grpc",
-            max_concurrent_rpcs=self.config.max_inflight_rpcs,
-            security=self.config.security,
-            metrics=self.metrics.rpc,
-        )
+        """Start following the registry and serving (unless ``listen`` is ""); optionally wait
+        for the first load."""
+        if self.config.listen:  # "" for a matcher answering in its own process only
+            self.server = create_aio_server(
+                self.config.listen,
+                self.bindings(),
+                thread_name="matcher-grpc",
+                max_concurrent_rpcs=self.config.max_inflight_rpcs,
+                security=self.config.security,
+                metrics=self.metrics.rpc,
+            )
         self._update_health()
         self.sync.start()
         self.hits.start()

@@ -14,10 +14,10 @@ from typing import Any
 
 import grpc
 
+from services.matcher.answering import answer_match
 from services.matcher.hits import HitReporter
 from services.matcher.index_sync import IndexSync
 from services.matcher.match_requests import build_request
-from services.matcher.matching import match
 from services.matcher.messages import match_response
 from services.matcher.metrics import MatcherMetrics
 from snapcache.v1 import matcher_pb2 as mpb
@@ -57,17 +57,20 @@ class MatcherServicer(mpb_grpc.MatcherServiceServicer):
             namespace=request.namespace,
             image_pull_secrets=request.image_pull_secrets,
         )
-        now_ns = self._clock_ns()
-        with self._sync.reading() as index:
-            outcome = match(index, match_request, now_ns=now_ns)
-        revision, staleness = self._sync.position()
-        chosen = outcome.chosen
-        hit_bytes = None
-        if chosen is not None and not request.validate_only:
-            self._hits.record(chosen.entry.name, now_ns)
-            hit_bytes = chosen.coverage.bytes_covered
-        response = match_response(outcome, match_request, revision=revision, staleness_seconds=staleness)
-        self._metrics.answered(outcome.decision, outcome.action, hit_bytes=hit_bytes)
+        answered = answer_match(
+            match_request,
+            sync=self._sync,
+            hits=self._hits,
+            metrics=self._metrics,
+            validate_only=request.validate_only,
+            now_ns=self._clock_ns(),
+        )
+        response = match_response(
+            answered.outcome,
+            match_request,
+            revision=answered.revision,
+            staleness_seconds=answered.staleness_seconds,
+        )
         return response
 
     async def GetIndexStatus(
