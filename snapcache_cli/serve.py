@@ -4,7 +4,10 @@ Each service is a `Component`: started in order, drained (health NOT_SERVING, so
 balancers and kubelet probes stop sending work) and then stopped in reverse order. Today the
 cache registry comes first; the matcher follows it over the wire (as it does when they run as
 separate pods), so it is started with the registry's real address; the scheduler extender comes
-last and asks the matcher at its real address the same way.
+last and asks that matcher in process (`snapcache_cli.colocated_matcher`: a function call, not a
+gRPC round trip, on the path kube-scheduler waits for). ``--only extender`` asks a matcher over
+gRPC at ``--matcher``, or, with ``--colocated-matcher``, runs its own matcher (no gRPC server)
+following the registry at ``--registry`` and asks it in process: the deployed layout.
 
 Security: both gRPC servers take the same ``--tls-*`` and ``--token-file`` options; the matcher
 and the extender reach the registry and the matcher with the global client options
@@ -52,6 +55,7 @@ from snapcache.rpc_observer import REQUEST_LOG
 from snapcache.tls import PLAINTEXT_CHANNEL, ClientSecurity, ServerTls
 from snapcache.token_review import DEFAULT_CACHE_SECONDS, TokenReviewer
 from snapcache_cli.client import CommandFailed, client_security
+from snapcache_cli.colocated_matcher import ColocatedMatcher
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +144,13 @@ class MatcherComponent:
         assert self.app is not None, "not started"
         return f"{self.listen.rpartition(':')[0]}:{self.app.port}"
 
+    def started_app(self) -> MatcherApp:
+        """The running matcher, for an extender asking it in process."""
+        assert self.app is not None, "not started"
+        return self.app
+
     def start(self) -> str:
-        """Start serving and wait (bounded) for the first load of the index."""
+        """Start serving (no gRPC when ``listen`` is "") and wait (bounded) for the first load."""
         config = MatcherConfig(
             registry_target=self.registry(),
             listen=self.listen,
@@ -160,6 +169,8 @@ class MatcherComponent:
         status = self.app.sync.status()
         loaded = f"{status.cache_count} caches indexed" if status.loaded else "index still loading"
         metrics = f", metrics on :{self.app.metrics_port}" if self.app.metrics_port else ""
+        if not self.listen:
+            return f"{self.name} in process, following {self.registry()} ({loaded}{metrics})"
         return f"{self.name} on {self.address} ({self.security.describe()}, {loaded}{metrics})"
 
     def drain(self) -> None:
@@ -176,10 +187,12 @@ class MatcherComponent:
 
 @dataclass
 class ExtenderComponent:
-    """The kube-scheduler extender (HTTP), asking the matcher at the address ``matcher`` gives."""
+    """The kube-scheduler extender (HTTP), asking the matcher at the address ``matcher`` gives,
+    or the running matcher ``colocated`` gives, in process."""
 
     listen: str
     matcher: Callable[[], str]
+    colocated: Callable[[], MatcherApp] | None = None
     default_mode: str = "off"
     kubeconfig: Path | None = None
     in_cluster: bool = False
@@ -191,7 +204,7 @@ class ExtenderComponent:
     def start(self) -> str:
         """Start serving HTTP; with Kubernetes access, wait (bounded) for the node cache."""
         config = ExtenderConfig(
-            matcher_target=self.matcher(),
+            matcher_target="" if self.colocated is not None else self.matcher(),
             listen=self.listen,
             default_mode=self.default_mode,
             kubeconfig=self.kubeconfig,
@@ -199,7 +212,13 @@ class ExtenderComponent:
             matcher_security=self.matcher_security,
             tls=self.tls,
         )
-        self.app = ExtenderApp(config)
+        colocated = self.colocated
+        self.app = ExtenderApp(
+            config,
+            matcher=None
+            if colocated is None
+            else lambda fail_open: ColocatedMatcher(colocated(), on_fail_open=fail_open),
+        )
         try:
             self.app.start(wait_nodes_seconds=_EXTENDER_NODES_WAIT_SECONDS)
         except BaseException:
@@ -212,7 +231,8 @@ class ExtenderComponent:
             nodes = f"{cache.size()} nodes" if cache.synced() else "nodes still listing"
         where = f"{self.listen.rpartition(':')[0]}:{self.app.port}"
         scheme = "http" if self.tls is None else "https"
-        return f"{self.name} on {scheme}://{where} (matcher {config.matcher_target}, {nodes})"
+        asks = "matcher in process" if self.colocated is not None else f"matcher {config.matcher_target}"
+        return f"{self.name} on {scheme}://{where} ({asks}, {nodes})"
 
     def drain(self) -> None:
         """/healthz answers 503."""
@@ -448,7 +468,15 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
         "--matcher",
         default=DEFAULT_MATCHER_LISTEN,
         metavar="ADDRESS",
-        help="the matcher the extender asks with --only extender (default %(default)s)",
+        help="the matcher the extender asks over gRPC with --only extender (default %(default)s)",
+    )
+    serve.add_argument(
+        "--colocated-matcher",
+        action="store_true",
+        help="with --only extender: run a matcher in the extender's process, following the registry "
+        "at --registry (it reports hits there: give a writer's token), and ask it with a function call "
+        "instead of --matcher over gRPC (the round trip is most of a prioritize's time); `serve` without "
+        "--only always asks its own matcher in process",
     )
     serve.add_argument(
         "--only",
@@ -696,6 +724,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     runs_registry = args.only in ("", "registry")
     runs_matcher = args.only == "matcher" or (not args.only and args.matcher_listen != "off")
+    if args.colocated_matcher and args.only != "extender":
+        raise CommandFailed("--colocated-matcher goes with --only extender", exit_code=2)
     runs_extender = args.only == "extender" or (
         not args.only and runs_matcher and args.extender_listen != "off"
     )
@@ -724,10 +754,23 @@ def run_serve(args: argparse.Namespace) -> int:
             share_node_credentials=args.share_node_credentials,
         )
         components.append(matcher)
+    elif args.colocated_matcher:  # the extender's own, answering in process only
+        matcher = MatcherComponent(
+            listen="",
+            registry=registry_address,
+            registry_security=clients,
+            share_node_credentials=args.share_node_credentials,
+        )
+        components.append(matcher)
     extender: ExtenderComponent | None = None
     if runs_extender:
         extender = extender_component(args, matcher_address)
-        extender = dataclasses.replace(extender, matcher_security=clients, tls=security.tls)
+        extender = dataclasses.replace(
+            extender,
+            matcher_security=clients,
+            tls=security.tls,
+            colocated=matcher.started_app if matcher is not None else None,
+        )
         components.append(extender)
     if args.metrics_listen:
 

@@ -1,7 +1,8 @@
 """Wiring of the extender: config -> matcher client, node cache, pod events -> use cases -> HTTP.
 
-The only place that builds the extender's objects. It talks to the matcher over gRPC only (as a
-separate pod would); Kubernetes access is optional: without it NodeNames requests see zone-less
+The only place that builds the extender's objects. It talks to the matcher over gRPC (as a
+separate pod would) unless it is handed a matcher of its own process (`Matcher`: the CLI, which
+sees both wings, wires that); Kubernetes access is optional: without it NodeNames requests see zone-less
 nodes (score 0, logged and exposed as `snapcache_extender_node_cache_synced 0`) and no events are
 written, while full-Nodes requests still work.
 """
@@ -11,13 +12,15 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from services.extender.decisions import DecisionCache
 from services.extender.http_app import ExtenderHTTPServer, ExtenderRoutes, serve_in_thread
 from services.extender.matcher_client import MatcherClient
+from services.extender.matches import MatchAnswer, MatchQuery
 from services.extender.metrics import ExtenderMetrics
 from services.extender.node_cache import NodeZoneCache
 from services.extender.scheduling import EventSink, NoEvents, Scheduling
@@ -33,7 +36,7 @@ log = logging.getLogger(__name__)
 class ExtenderConfig:
     """Everything the extender needs to start; validated before anything starts."""
 
-    matcher_target: str  # host:port of the matcher
+    matcher_target: str  # host:port of the matcher; "" when ExtenderApp is given its own matcher
     listen: str = "127.0.0.1:50053"
     url_prefix: str = ""  # the scheduler's urlPrefix path ("" or "/snapcache")
     default_mode: str = "off"  # for pods without an annotation: off | auto
@@ -53,8 +56,6 @@ class ExtenderConfig:
 
     def validate(self) -> None:
         """Refuse a bad configuration at start-up rather than at the first request."""
-        if not self.matcher_target:
-            raise ValueError("the matcher's address is required")
         _host, colon, port = self.listen.rpartition(":")
         if not colon or not port.isdigit():
             raise ValueError(f"extender listen address must be HOST:PORT, not {self.listen!r}")
@@ -72,11 +73,28 @@ class ExtenderConfig:
             self.tls.validate()
 
 
+class Matcher(Protocol):
+    """What the extender asks: `MatcherClient` over gRPC, or a matcher in the same process."""
+
+    def match(self, query: MatchQuery) -> MatchAnswer:
+        """The answer for one pod; UNKNOWN (fail open) when there is none."""
+
+    def close(self) -> None:
+        """Release what it holds; called once the HTTP server stopped."""
+
+
+# Builds the extender's matcher, given the fail-open counter (the gRPC status code's name).
+MatcherFactory = Callable[[Callable[[str], None]], Matcher]
+
+
 class ExtenderApp:
     """A built extender: matcher client, node cache, events, HTTP server."""
 
-    def __init__(self, config: ExtenderConfig) -> None:
+    def __init__(self, config: ExtenderConfig, *, matcher: MatcherFactory | None = None) -> None:
+        """``matcher`` replaces the gRPC client of ``config.matcher_target`` (see `Matcher`)."""
         config.validate()
+        if matcher is None and not config.matcher_target:
+            raise ValueError("the matcher's address is required")
         self.config = config
         self.node_cache: NodeZoneCache | None = None
         self.pod_events: PodEvents | None = None
@@ -101,11 +119,15 @@ class ExtenderApp:
                 on_dropped=self.metrics.events_dropped.inc,
             )
             events = self.pod_events
-        self.matcher = MatcherClient(
-            config.matcher_target,
-            budget_seconds=config.matcher_budget_seconds,
-            on_fail_open=self.metrics.fail_open,
-            security=config.matcher_security,
+        self.matcher: Matcher = (
+            matcher(self.metrics.fail_open)
+            if matcher is not None
+            else MatcherClient(
+                config.matcher_target,
+                budget_seconds=config.matcher_budget_seconds,
+                on_fail_open=self.metrics.fail_open,
+                security=config.matcher_security,
+            )
         )
         self.scheduling = Scheduling(
             match=self.matcher.match,
