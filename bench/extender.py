@@ -1,9 +1,18 @@
 """Benchmark `extender`: prioritize latency against an empty POST handler on the same HTTP stack.
 
 A real registry (`snapcache serve`, 2,000 READY caches seeded as in bench/match.py, AVAILABLE in
-zone-a and zone-b) and a real matcher process; the extender (`ExtenderApp`) runs in this process
-with 5,000 nodes in three zones in its node-zone map (what the node cache holds), asked by a
-client in another process over one keep-alive connection, as kube-scheduler does.
+zone-a and zone-b) and a real matcher process; two extenders (`ExtenderApp`) run in this process
+with 5,000 nodes in three zones in their node-zone map (what the node cache holds), asked by a
+client in another process over one keep-alive connection, as kube-scheduler does. The two
+matcher modes are measured in the same rounds against the same floor:
+
+- remote: the extender asks the matcher process over gRPC (`--matcher ADDRESS`);
+- co-located (the deployed default: `serve`, and `serve --only extender --colocated-matcher` in
+  deploy/): the extender asks a matcher of its own process (`ColocatedMatcher`), which follows
+  the same registry into its own index.
+
+The JSON line's ``ratio`` is the deployed default's annotated p99 ratio; the remote mode's
+figures are beside it (``remote_*``).
 
 Floor: an empty POST handler (reads the body, answers `[]`) on the same HTTP stack
 (`ExtenderHTTPServer`) in this process; the client alternates extender and floor requests with
@@ -13,7 +22,7 @@ case are measured in rounds of their own: a scheduler sends one or the other, ne
 freed) was measured to slow the next calls: unannotated prioritize p50 146 -> 345 us, the
 floor's 131 -> 190 us (--interleave-modes measures them in the same rounds). Figures:
 
-- NodeNames mode, 5,000 nodes: prioritize for an annotated pod (a new pod UID every time, so
+- NodeNames mode, 5,000 nodes, each matcher mode: prioritize for an annotated pod (a new pod UID every time, so
   every call asks the matcher: the matcher call is included) and for an unannotated pod; p50 and
   p99 over the floor's. Targets: annotated p99 <= 3x, unannotated p99 <= 1.2x.
 - NodeNames mode, 5,000 nodes, annotated prioritize right after a filter call with the same body
@@ -59,11 +68,14 @@ from starlette.routing import Route
 from services.extender.http_app import ExtenderHTTPServer, serve_in_thread
 from services.extender.node_index import NodeIndex
 from services.extender.server import ExtenderApp, ExtenderConfig
+from services.matcher.server import MatcherApp, MatcherConfig
 from snapcache.v1 import matcher_pb2 as mpb
+from snapcache_cli.colocated_matcher import ColocatedMatcher
 
 CLIENTS = 4
 ZONES = ("zone-a", "zone-b", "zone-c")  # the seeded caches are AVAILABLE in zone-a and zone-b
 HERE = Path(__file__).resolve().parent
+DEPLOYED_MODE = "colocated"  # deploy/base/extender/workload.yaml: --only=extender --colocated-matcher
 UID_MARK = b"00000000-uid-mark"
 
 
@@ -361,28 +373,44 @@ def main() -> int:
         data_dir = Path(tmp) / "registry"
         seed_registry(data_dir, cat.caches)
         with registry_and_matcher(data_dir) as running:
+            # the co-located extender's own matcher: no gRPC server, the same registry's feed
+            own = MatcherApp(MatcherConfig(registry_target=running.registry, listen=""))
+            own.start(wait_loaded_seconds=300)
+            assert own.sync.status().cache_count == options.caches, own.sync.status()
             app = ExtenderApp(
                 ExtenderConfig(
                     matcher_target=running.matcher, listen="127.0.0.1:0", matcher_budget_seconds=1.0
                 )
             )
+            colo = ExtenderApp(
+                ExtenderConfig(matcher_target="", listen="127.0.0.1:0"),
+                matcher=lambda fail_open: ColocatedMatcher(own, on_fail_open=fail_open),
+            )
             index = NodeIndex(zones)  # what the node cache holds
             app.scheduling.node_zones = lambda: index
+            colo.scheduling.node_zones = lambda: index
             calls = TimedCalls(app.scheduling.match)  # the matcher call as the extender sees it
             app.scheduling.match = calls
+            colo_calls = TimedCalls(colo.scheduling.match)
+            colo.scheduling.match = colo_calls
             app.start()
+            colo.start()
             floor = ExtenderHTTPServer(
                 ("127.0.0.1", 0), EmptyRoutes(), max_body_bytes=1 << 26, socket_timeout=30
             )  # type: ignore[arg-type]
             serve_in_thread(floor)
             floor_port = int(floor.server_address[1])
             try:
-                check = http.client.HTTPConnection("127.0.0.1", app.port)
-                scores = json.loads(_send(check, "/prioritize", annotated))
+                answers = []
+                for port in (app.port, colo.port):
+                    check = http.client.HTTPConnection("127.0.0.1", port)
+                    answers.append(json.loads(_send(check, "/prioritize", annotated)))
+                    check.close()
+                scores = answers[0]
+                assert answers[1] == scores, "the co-located matcher answered otherwise"
                 by_zone = {zones[h["Host"]]: h["Score"] for h in scores}  # nodes left out score 0
-                print(f"scores by zone: {by_zone}")
+                print(f"scores by zone (both modes alike): {by_zone}")
                 assert by_zone["zone-a"] == 10 and by_zone.get("zone-c", 0) == 0, by_zone
-                check.close()
 
                 # the matcher's share, asked from the client's process as the extender asks it
                 match = mpb.MatchImageCachesRequest(images=images, zones=ZONES).SerializeToString()
@@ -392,10 +420,12 @@ def main() -> int:
                     (GRPC, HEALTH_METHOD, health.SerializeToString(), False, running.matcher),
                     (app.port, "/prioritize", annotated, True, ""),
                     (floor_port, "/prioritize", annotated, True, ""),
+                    (colo.port, "/prioritize", annotated, True, ""),
                     (app.port, "/prioritize", plain, False, ""),
                     (floor_port, "/prioritize", plain, False, ""),
                     (app.port, "/prioritize", annotated, True, "/filter"),
                     (floor_port, "/prioritize", annotated, True, "/filter"),
+                    (colo.port, "/prioritize", annotated, True, "/filter"),
                 ]
                 full_cases: list[Case] = [
                     (app.port, "/prioritize", full, True, ""),
@@ -403,19 +433,24 @@ def main() -> int:
                 ]
                 if options.interleave_modes:
                     found = latencies(names_cases + full_cases, options.requests)
-                    in_extender = calls.micros[100:]
+                    in_extender, colo_in_extender = calls.micros[100:], colo_calls.micros[100:]
                 else:  # a scheduler sends one mode or the other (nodeCacheCapable), never both
                     found = latencies(names_cases, options.requests)
                     in_extender = calls.micros[100:]  # the filter's and the annotated calls, warmed up
+                    colo_in_extender = colo_calls.micros[100:]
                     found += latencies(full_cases, max(options.requests // 4, 100))
-                rtt, empty_rpc, ann, ann_floor, un, un_floor, cycle, cycle_floor, full_s, full_floor = found
+                rtt, empty_rpc, ann, ann_floor, colo_ann, un, un_floor = found[:7]
+                cycle, cycle_floor, colo_cycle, full_s, full_floor = found[7:]
                 ann_rate = rate(app.port, "/prioritize", annotated, unique=True, seconds=options.seconds)
                 ann_floor_rate = rate(
                     floor_port, "/prioritize", annotated, unique=True, seconds=options.seconds
                 )
-                fail_open = app.metrics.render().decode()
+                colo_rate = rate(colo.port, "/prioritize", annotated, unique=True, seconds=options.seconds)
+                fail_open = app.metrics.render().decode() + colo.metrics.render().decode()
             finally:
                 app.stop()
+                colo.stop()
+                own.stop(0)
                 floor.shutdown()
                 floor.server_close()
     assert "snapcache_extender_fail_open_total{" not in fail_open, "the matcher call failed during the bench"
@@ -441,31 +476,49 @@ def main() -> int:
               f"p99 {p(mine, 0.99):.0f} / {p(base, 0.99):.0f} = {r99:.2f}{target}")  # fmt: skip
         return r50, r99
 
-    a50, a99 = line(
-        f"annotated prioritize, NodeNames x {options.nodes} (matcher call included)",
+    remote = "the remote matcher (gRPC)" + (" [deployed]" if DEPLOYED_MODE == "remote" else "")
+    colocated = "the co-located matcher (in process)" + (
+        " [deployed]" if DEPLOYED_MODE == "colocated" else ""
+    )
+    r50, r99 = line(
+        f"annotated prioritize, NodeNames x {options.nodes}, {remote}",
         ann,
         ann_floor,
         " (target p99 <= 3)",
     )
+    k50, k99 = line(
+        f"annotated prioritize, NodeNames x {options.nodes}, {colocated}",
+        colo_ann,
+        ann_floor,
+        " (target p99 <= 3)",
+    )
+    a50, a99 = (k50, k99) if DEPLOYED_MODE == "colocated" else (r50, r99)
     u50, u99 = line(
         f"unannotated prioritize, NodeNames x {options.nodes}", un, un_floor, " (target p99 <= 1.2)"
     )
     f50, f99 = line(f"annotated prioritize, full Nodes x {options.full_nodes}", full_s, full_floor)
     c50, c99 = line(
         f"annotated prioritize after its filter with the same names (the filter's answer and placement "
-        f"reused, as in a scheduling cycle), NodeNames x {options.nodes}",
+        f"reused, as in a scheduling cycle), NodeNames x {options.nodes}, {remote}",
         cycle,
         cycle_floor,
     )
+    kc50, kc99 = line(f"  the same, {colocated}", colo_cycle, cycle_floor)
     m50, m99 = line(
         "  the matcher's round trip alone (MatchImageCaches, from the client's process)", rtt, ann_floor
     )
     e50, _ = line("  an empty gRPC call to the matcher's server (Health/Check)", empty_rpc, ann_floor)
-    x50, _ = line("  the matcher call timed in the extender's process", in_extender, ann_floor)
-    print(f"  so annotated prioritize cannot be under floor + matcher = {1 + m50:.2f} (p50), {1 + m99:.2f} (p99) "
-          f"of the floor here; the rest is the extender's: {a50 - 1 - m50:.2f} (p50) of the floor")  # fmt: skip
-    print(f"throughput, {CLIENTS} clients: annotated prioritize {ann_rate:.0f}/s, floor {ann_floor_rate:.0f}/s "
-          f"= {ann_rate / ann_floor_rate:.2f} of the floor")  # fmt: skip
+    x50, _ = line("  the matcher call timed in the extender's process, remote", in_extender, ann_floor)
+    kx50, _ = line(
+        "  the matcher call timed in the extender's process, co-located", colo_in_extender, ann_floor
+    )
+    print(f"  so remote annotated prioritize cannot be under floor + matcher = {1 + m50:.2f} (p50), {1 + m99:.2f} "
+          f"(p99) of the floor here; the rest is the extender's: {r50 - 1 - m50:.2f} (p50) of the floor")  # fmt: skip
+    print(f"throughput, {CLIENTS} clients: annotated prioritize {ann_rate:.0f}/s remote, {colo_rate:.0f}/s "
+          f"co-located, floor {ann_floor_rate:.0f}/s = {ann_rate / ann_floor_rate:.2f}, "
+          f"{colo_rate / ann_floor_rate:.2f} of the floor")  # fmt: skip
+    deployed_rate = colo_rate if DEPLOYED_MODE == "colocated" else ann_rate
+    dc50, dc99 = (kc50, kc99) if DEPLOYED_MODE == "colocated" else (c50, c99)
     print("HTTP stacks, empty handler, same body (one client p50/p99; 4 clients req/s):")
     for stack, figures in stacks.items():
         print(f"  {stack:18} p50 {figures['p50_us']:6.0f} us  p99 {figures['p99_us']:6.0f} us  "
@@ -475,20 +528,29 @@ def main() -> int:
             {
                 "bench": "extender",
                 "ratio": round(a99, 3),
+                "deployed_mode": DEPLOYED_MODE,
                 "annotated_p50_ratio": round(a50, 3),
                 "annotated_p99_ratio": round(a99, 3),
+                "colocated_annotated_p50_ratio": round(k50, 3),
+                "colocated_annotated_p99_ratio": round(k99, 3),
+                "remote_annotated_p50_ratio": round(r50, 3),
+                "remote_annotated_p99_ratio": round(r99, 3),
                 "unannotated_p50_ratio": round(u50, 3),
                 "unannotated_p99_ratio": round(u99, 3),
                 "full_nodes_p50_ratio": round(f50, 3),
                 "full_nodes_p99_ratio": round(f99, 3),
-                "after_filter_p50_ratio": round(c50, 3),
-                "after_filter_p99_ratio": round(c99, 3),
+                "after_filter_p50_ratio": round(dc50, 3),
+                "after_filter_p99_ratio": round(dc99, 3),
+                "remote_after_filter_p50_ratio": round(c50, 3),
+                "remote_after_filter_p99_ratio": round(c99, 3),
                 "matcher_rtt_p50_ratio": round(m50, 3),
                 "matcher_rtt_p99_ratio": round(m99, 3),
                 "empty_grpc_p50_ratio": round(e50, 3),
-                "matcher_call_in_extender_p50_ratio": round(x50, 3),
-                "throughput_ratio": round(ann_rate / ann_floor_rate, 3),
-                "annotated_p99_us": round(p(ann, 0.99), 1),
+                "remote_matcher_call_in_extender_p50_ratio": round(x50, 3),
+                "colocated_matcher_call_in_extender_p50_ratio": round(kx50, 3),
+                "throughput_ratio": round(deployed_rate / ann_floor_rate, 3),
+                "remote_throughput_ratio": round(ann_rate / ann_floor_rate, 3),
+                "annotated_p99_us": round(p(colo_ann if DEPLOYED_MODE == "colocated" else ann, 0.99), 1),
                 "floor_p99_us": round(p(ann_floor, 0.99), 1),
                 "stacks_p50_us": {k: round(v["p50_us"], 1) for k, v in stacks.items()},
                 "stacks_rps": {k: round(v["rps"]) for k, v in stacks.items()},
