@@ -340,7 +340,10 @@ def test_args_are_accepted_by_the_cli(
         assert parsed.registry == registry_address
     else:
         assert flag_port(parsed.extender_listen) in ports
-        assert parsed.matcher == f"snapcache-matcher.{NAMESPACE}.svc:50052"
+        # its own matcher in process, following the registry (README, Scheduling: the speed)
+        assert parsed.colocated_matcher is True
+        assert parsed.registry == registry_address
+        assert flag_port(parsed.metrics_listen) in ports
         assert parsed.in_cluster is True  # follows Nodes, writes pod Events
 
 
