@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -207,3 +208,18 @@ def test_serve_only_extender_with_its_own_matcher_scores_and_reports_hits(pair: 
             process.kill()
             process.communicate()
     assert process.returncode == 0, err
+
+
+@pytest.mark.parametrize("only", [[], ["--only", "matcher"], ["--only", "registry"]])
+def test_colocated_matcher_is_refused_without_only_extender(only: list[str], tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "snapcache_cli.main", "serve", "--data-dir", str(tmp_path), *only,
+         "--colocated-matcher"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "--colocated-matcher goes with --only extender" in done.stderr
+    assert not any(tmp_path.iterdir())  # refused before anything started
