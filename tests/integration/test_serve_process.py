@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -31,6 +32,7 @@ from snapcache.v1 import image_cache_pb2 as pb
 from snapcache.v1 import matcher_pb2 as mpb
 from snapcache.v1 import matcher_pb2_grpc as mpb_grpc
 from tests.support.oci_fixtures import OciRegistry, PushedImages
+from tests.support.rate_limited_proxy import RateLimitedProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -89,7 +91,7 @@ def blob_fetches(registry: OciRegistry) -> Counter[str]:
 
 
 def test_kill_during_pull_then_restart_resumes_to_ready(
-    tmp_path: Path, fresh_oci_registry: OciRegistry, database_url: str
+    tmp_path: Path, fresh_oci_registry: OciRegistry, database_url: str, request: pytest.FixtureRequest
 ) -> None:
     spec = ImageSpec("crash/app", "1.0", [LayerSpec(24 * 1024 * 1024, seed=900 + i) for i in range(12)])
     built = build_image(spec, blob_dir=tmp_path / "blobs")
@@ -97,7 +99,13 @@ def test_kill_during_pull_then_restart_resumes_to_ready(
     fetched_by_push = blob_fetches(fresh_oci_registry)
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    image = f"{fresh_oci_registry.host}/crash/app:1.0"
+    # the registry reached through an 800 Mbit/s link: the 288 MiB pull lasts about 3 s, so the
+    # kill lands mid-pull however loaded the machine (on loopback it can end before a poll sees it)
+    upstream = urlsplit(fresh_oci_registry.url)
+    link = RateLimitedProxy((str(upstream.hostname), int(upstream.port or 80)), bits_per_second=800e6).start()
+    request.addfinalizer(link.stop)
+    host = f"127.0.0.1:{link.port}"
+    image = f"{host}/crash/app:1.0"
 
     port = free_port()
     with serve(data_dir, port, database_url) as process:
@@ -105,9 +113,7 @@ def test_kill_during_pull_then_restart_resumes_to_ready(
         stub = api_grpc.CacheRegistryServiceStub(channel)
         created = stub.CreateImageCache(
             api.CreateImageCacheRequest(
-                image_cache=pb.ImageCache(
-                    images=[image], cache_size_gib=1, plain_http_registries=[fresh_oci_registry.host]
-                )
+                image_cache=pb.ImageCache(images=[image], cache_size_gib=1, plain_http_registries=[host])
             ),
             timeout=10,
         )
