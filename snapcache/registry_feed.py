@@ -115,6 +115,7 @@ class FeedFollower:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._call: grpc.RpcContext | None = None
+        self._call_started = 0.0  # when the current Watch call was made
         self._revision = 0
         self._last_contact = 0.0
         self._streaming = False
@@ -155,10 +156,14 @@ class FeedFollower:
             )
 
     def check(self) -> None:
-        """Drop a stream that has gone quiet (no change, no heartbeat) so it reconnects."""
+        """Drop a stream that has gone quiet (no change, no heartbeat) so it reconnects.
+
+        Also a Watch that has brought nothing at all since it was made: one made while the
+        registry was going away can be left open with no answer and no error, forever.
+        """
         with self._lock:
-            quiet = self._monotonic() - self._last_contact
-            call = self._call if self._streaming else None
+            quiet = self._monotonic() - max(self._last_contact, self._call_started)
+            call = self._call
         if call is not None and quiet > self._settings.live_window_seconds:
             log.warning("registry feed silent for %.0fs; reconnecting", quiet)
             call.cancel()
@@ -285,18 +290,24 @@ class FeedFollower:
     def _follow(self) -> None:
         """Apply the change feed from the resume revision until it ends or fails."""
         call = self._stub.WatchImageCaches(api.WatchImageCachesRequest(start_revision=self._revision))
-        self._call = call
+        with self._lock:
+            self._call = call
+            self._call_started = self._monotonic()
         if self._stopping.is_set():
             call.cancel()
-        for change in call:
-            if self._recovering:
-                self._recovering = False
-                self._consumer.recovered()
-            self._consumer.apply(change)
+        try:
+            for change in call:
+                if self._recovering:
+                    self._recovering = False
+                    self._consumer.recovered()
+                self._consumer.apply(change)
+                with self._lock:
+                    self._revision = max(self._revision, change.revision)
+                    self._last_contact = self._monotonic()
+                    self._streaming = True
+                    self._last_error = ""
+        finally:
             with self._lock:
-                self._revision = max(self._revision, change.revision)
-                self._last_contact = self._monotonic()
-                self._streaming = True
-                self._last_error = ""
-        with self._lock:
-            self._streaming = False
+                self._streaming = False
+                if self._call is call:
+                    self._call = None  # ended: nothing for `check` to drop

@@ -62,9 +62,20 @@ def follower(harness: Harness) -> Iterator[Follower]:
         on_resync=lambda: made.resyncs.append(time.monotonic()),
         settings=FeedSettings(live_window_seconds=1.0, backoff_initial_seconds=0.05, backoff_max_seconds=0.2),
     )
+    # what the operator's server does (`_check_feed`): drop a stream that has gone quiet
+    checking = threading.Event()
+
+    def check_feed() -> None:
+        while not checking.wait(0.1):
+            made.feed.check()
+
+    checker = threading.Thread(target=check_feed, name="feed-check", daemon=True)
+    checker.start()
     try:
         yield made
     finally:
+        checking.set()
+        checker.join(timeout=5)
         made.feed.stop()
         channel.close()
 
