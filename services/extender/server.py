@@ -2,9 +2,9 @@
 
 The only place that builds the extender's objects. It talks to the matcher over gRPC (as a
 separate pod would) unless it is handed a matcher of its own process (`Matcher`: the CLI, which
-sees both wings, wires that); Kubernetes access is optional: without it NodeNames requests see zone-less
-nodes (score 0, logged and exposed as `snapcache_extender_node_cache_synced 0`) and no events are
-written, while full-Nodes requests still work.
+sees both wings, wires that). Kubernetes access is optional: without it NodeNames requests see
+zone-less nodes (score 0, logged and exposed as `snapcache_extender_node_cache_synced 0`) and no
+events are written, while full-Nodes requests still work.
 """
 
 from __future__ import annotations
