@@ -81,7 +81,9 @@ def clean(stack: NodeStack) -> Iterator[NodeStack]:
     with api:
         names = [p.metadata.name for p in core.list_namespaced_pod(stack.namespace).items]
     for name in names:
-        stack.delete_pod(name)
+        stack.delete_pod(
+            name, force_after=20
+        )  # a pod a loaded kubelet keeps must not leak into the next test
     stack.forget_images("demo/big:1.0", "demo/small:1.0", "demo/small2:1.0")
     assert stack.private is not None
     stack.forget_images("team/secret:1.0", host=stack.private.host)

@@ -239,26 +239,34 @@ class NodeStack:
             ).items
         return [(e.reason, e.source.component if e.source else "", e.message) for e in listed]
 
-    def delete_pod(self, name: str, timeout: float = 60.0, *, force: bool = False) -> None:
+    def delete_pod(
+        self, name: str, timeout: float = 60.0, *, force: bool = False, force_after: float | None = None
+    ) -> None:
         """Delete the pod and wait until it is gone: the kubelet removes it once its containers are stopped.
 
         Not a forced delete (grace 0) unless ``force``: that removes the object at once, while the
         kubelet may still be syncing the pod (and pull its image again, after a test has removed
         it). Forced suits a pod whose pull is refused: the kubelet, backing off between pulls, takes
-        up to a minute to confirm a graceful delete of it.
+        up to a minute to confirm a graceful delete of it. ``force_after``: graceful first, forced
+        if the pod is still there after that many seconds (a loaded kubelet can be that slow).
         """
         api, core = self.node.core()
         with api:
             with contextlib.suppress(k8s.ApiException):
                 core.delete_namespaced_pod(name, self.namespace, grace_period_seconds=0 if force else None)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
+            started = time.monotonic()
+            forced = force
+            while time.monotonic() < started + timeout:
                 try:
                     core.read_namespaced_pod(name, self.namespace)
                 except k8s.ApiException as exc:
                     if exc.status == 404:
                         break
                     raise
+                if not forced and force_after is not None and time.monotonic() > started + force_after:
+                    forced = True
+                    with contextlib.suppress(k8s.ApiException):
+                        core.delete_namespaced_pod(name, self.namespace, grace_period_seconds=0)
                 time.sleep(0.1)
             else:
                 pytest.fail(f"pod {name} not deleted after {timeout:.0f} s")
