@@ -52,44 +52,11 @@ def admin(kube_cluster: KubeCluster) -> Iterator[k8s.CoreV1Api]:
         yield k8s.CoreV1Api(client)
 
 
-def _grant_secret_reading(kube_cluster: KubeCluster, namespace: str, user: str) -> None:
-    """RBAC: ``user`` may get Secrets in ``namespace``, nothing else."""
-    with kube_cluster.api_client() as client:
-        rbac = k8s.RbacAuthorizationV1Api(client)
-        rbac.create_namespaced_role(
-            namespace,
-            k8s.V1Role(
-                metadata=k8s.V1ObjectMeta(name="read-pull-secrets"),
-                rules=[k8s.V1PolicyRule(api_groups=[""], resources=["secrets"], verbs=["get"])],
-            ),
-        )
-        rbac.create_namespaced_role_binding(
-            namespace,
-            k8s.V1RoleBinding(
-                metadata=k8s.V1ObjectMeta(name="read-pull-secrets"),
-                role_ref=k8s.V1RoleRef(
-                    api_group="rbac.authorization.k8s.io", kind="Role", name="read-pull-secrets"
-                ),
-                subjects=[
-                    k8s.RbacV1Subject(kind=kind, name=name, namespace=ns or None, api_group=group or None)
-                    for kind, name, ns, group in [_subject(user)]
-                ],
-            ),
-        )
-
-
-def _subject(user: str) -> tuple[str, str, str, str]:
-    if user.startswith("system:serviceaccount:"):
-        _, _, namespace, name = user.split(":")
-        return ("ServiceAccount", name, namespace, "")
-    return ("User", user, "", "rbac.authorization.k8s.io")
-
-
 @pytest.fixture
 def namespace(kube_cluster: KubeCluster) -> str:
     """A namespace the registry's user (``limited``) may read Secrets in."""
     name = kube_cluster.create_namespace("creds")
-    _grant_secret_reading(kube_cluster, name, "limited")
+    kube_cluster.allow_secret_reading(name)
     return name
 
 
@@ -417,7 +384,7 @@ def test_in_cluster_reader_uses_a_service_account_token(
     admin.create_namespaced_service_account(
         namespace, k8s.V1ServiceAccount(metadata=k8s.V1ObjectMeta(name="snapcache"))
     )
-    _grant_secret_reading(kube_cluster, namespace, f"system:serviceaccount:{namespace}:snapcache")
+    kube_cluster.allow_secret_reading(namespace, user=f"system:serviceaccount:{namespace}:snapcache")
     token = admin.create_namespaced_service_account_token(
         "snapcache",
         namespace,

@@ -218,8 +218,16 @@ class KubeCluster:
         return name
 
     def allow_secret_reading(self, namespace: str, *, user: str = "limited") -> None:
-        """RBAC: the user ``user`` may get Secrets in ``namespace``, nothing more (what the registry
-        needs to read the dockerconfigjson Secrets caches name)."""
+        """RBAC: ``user`` may get Secrets in ``namespace``, nothing more (what the registry needs to
+        read the dockerconfigjson Secrets caches name); ``system:serviceaccount:NS:NAME`` names a
+        ServiceAccount, anything else a User."""
+        if user.startswith("system:serviceaccount:"):
+            _, _, account_namespace, account = user.split(":")
+            subject = kube_client.RbacV1Subject(
+                kind="ServiceAccount", name=account, namespace=account_namespace
+            )
+        else:
+            subject = kube_client.RbacV1Subject(kind="User", name=user, api_group="rbac.authorization.k8s.io")
         with self.api_client() as api:
             rbac = kube_client.RbacAuthorizationV1Api(api)
             rbac.create_namespaced_role(
@@ -236,11 +244,7 @@ class KubeCluster:
                     role_ref=kube_client.V1RoleRef(
                         api_group="rbac.authorization.k8s.io", kind="Role", name="read-pull-secrets"
                     ),
-                    subjects=[
-                        kube_client.RbacV1Subject(
-                            kind="User", name=user, api_group="rbac.authorization.k8s.io"
-                        )
-                    ],
+                    subjects=[subject],
                 ),
             )
 
