@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from services.cache_registry.provider import RegistryCredential
-from snapcache.demo.oci_images import ImageSpec, LayerSpec, build_image, push_image
+from snapcache.demo.oci_images import ImageSpec, LayerSpec
 from snapcache.demo.registry_server import REGISTRY_BINARY, RegistryServer, TokenAuth
 from tests.support.oci_fixtures import OciRegistry, PushedRef
 from tests.support.token_auth import (
@@ -39,6 +39,7 @@ from tests.support.token_auth import (
     SigningKey,
     TokenServer,
     TokenUser,
+    push_spec,
 )
 
 PUBLIC_PULL = AccessRule("public/*", frozenset({"pull"}))
@@ -75,14 +76,6 @@ class PublicTokenRegistry:
         return self.registry.credential
 
 
-def _push(registry: OciRegistry, spec: ImageSpec, auth: RegistryTokenAuth) -> PushedRef:
-    image = build_image(spec)
-    digest = push_image(registry.url, image, auth=auth)
-    return PushedRef(
-        reference=registry.reference(spec.repository, tag=spec.tag), digest=digest, built=(image,)
-    )
-
-
 @contextmanager
 def running_public_token_registry(directory: Path, signing_key: SigningKey) -> Iterator[PublicTokenRegistry]:
     """Start the token server and the registry, push the two images; stop both afterwards."""
@@ -100,8 +93,12 @@ def running_public_token_registry(directory: Path, signing_key: SigningKey) -> I
         try:
             registry = OciRegistry(server, RegistryCredential(READER, READER_PASSWORD))
             auth = RegistryTokenAuth(ADMIN, ADMIN_PASSWORD)
-            public = _push(registry, ImageSpec("public/base", "1.0", [LayerSpec(24 * 1024, seed=501)]), auth)
-            private = _push(registry, ImageSpec("private/app", "1.0", [LayerSpec(24 * 1024, seed=502)]), auth)
+            public = push_spec(
+                registry, ImageSpec("public/base", "1.0", [LayerSpec(24 * 1024, seed=501)]), auth
+            )
+            private = push_spec(
+                registry, ImageSpec("private/app", "1.0", [LayerSpec(24 * 1024, seed=502)]), auth
+            )
             yield PublicTokenRegistry(registry=registry, tokens=tokens, public=public, private=private)
         finally:
             server.close()

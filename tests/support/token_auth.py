@@ -429,7 +429,8 @@ USERS = {
 }
 
 
-def _push(registry: OciRegistry, spec: ImageSpec, auth: RegistryTokenAuth) -> PushedRef:
+def push_spec(registry: OciRegistry, spec: ImageSpec, auth: RegistryTokenAuth) -> PushedRef:
+    """Build the image ``spec`` describes and push it to ``registry`` with a token credential."""
     image = build_image(spec)
     digest = push_image(registry.url, image, auth=auth)
     return PushedRef(
@@ -455,7 +456,7 @@ def running_token_registry(directory: Path, signing_key: SigningKey) -> Iterator
             registry = OciRegistry(server, RegistryCredential(READER, READER_PASSWORD))
             auth = RegistryTokenAuth(ADMIN, ADMIN_PASSWORD)
             base = LayerSpec(80 * 1024, seed=401)
-            app = _push(
+            app = push_spec(
                 registry,
                 ImageSpec(
                     "private/app",
@@ -464,10 +465,10 @@ def running_token_registry(directory: Path, signing_key: SigningKey) -> Iterator
                 ),
                 auth,
             )
-            tool = _push(
+            tool = push_spec(
                 registry, ImageSpec("private/tool", "1.0", [base, LayerSpec(32 * 1024, seed=411)]), auth
             )
-            restricted = _push(
+            restricted = push_spec(
                 registry, ImageSpec("restricted/db", "1.0", [LayerSpec(16 * 1024, seed=421)]), auth
             )
             yield TokenOciRegistry(
