@@ -1,7 +1,9 @@
-"""Generate the `snapcache.v1` Python package from `protos/`; `--check` fails on drift.
+"""Generate the Python packages of `protos/`; `--check` fails on drift.
 
 Run from anywhere: `python scripts/gen_protos.py [--check]`. The generated modules (messages,
 gRPC stubs and their .pyi type stubs) are committed so the package installs without protoc.
+Two packages: `snapcache.v1` (snapcache's API) and `snapcache.containerd` (the wire-compatible
+subset of containerd's API the node agent calls).
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
-PACKAGE = Path("snapcache") / "v1"
+PACKAGES = {
+    Path("snapcache") / "v1": "Generated from protos/snapcache/v1. Do not edit.",
+    Path("snapcache") / "containerd": "Generated from protos/snapcache/containerd (containerd's API). "
+    "Do not edit.",
+}
 
 
 def _plugin(name: str) -> str:
@@ -29,7 +35,9 @@ def _plugin(name: str) -> str:
 
 def generate(out: Path) -> None:
     """Run protoc for every proto file into ``out`` (which mirrors the repo root)."""
-    sources = sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / PACKAGE).glob("*.proto"))
+    sources = sorted(
+        str(p.relative_to(PROTOS)) for package in PACKAGES for p in (PROTOS / package).glob("*.proto")
+    )
     include = Path(protoc.__file__).parent / "_proto"
     args = [
         "protoc",
@@ -45,7 +53,21 @@ def generate(out: Path) -> None:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    (out / PACKAGE / "__init__.py").write_text('"""Generated from protos/snapcache/v1. Do not edit."""\n')
+    for package, doc in PACKAGES.items():
+        (out / package / "__init__.py").write_text(f'"""{doc}"""\n')
+
+
+def _stale(fresh_dir: Path, committed_dir: Path, package: Path) -> list[Path]:
+    """Files of ``package`` that differ between a fresh generation and the committed one."""
+    fresh_files = {p.name for p in fresh_dir.iterdir() if p.is_file()}
+    committed = {p.name for p in committed_dir.iterdir() if p.is_file()} if committed_dir.exists() else set()
+    return sorted(
+        package / name
+        for name in fresh_files | committed
+        if name not in fresh_files
+        or name not in committed
+        or not filecmp.cmp(fresh_dir / name, committed_dir / name, shallow=False)
+    )
 
 
 def main() -> int:
@@ -56,30 +78,21 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         fresh = Path(tmp)
         generate(fresh)
-        fresh_dir, committed_dir = fresh / PACKAGE, ROOT / PACKAGE
         if options.check:
-            fresh_files = {p.name for p in fresh_dir.iterdir() if p.is_file()}
-            committed = (
-                {p.name for p in committed_dir.iterdir() if p.is_file()} if committed_dir.exists() else set()
-            )
-            stale = sorted(
-                name
-                for name in fresh_files | committed
-                if name not in fresh_files
-                or name not in committed
-                or not filecmp.cmp(fresh_dir / name, committed_dir / name, shallow=False)
-            )
+            stale = [n for package in PACKAGES for n in _stale(fresh / package, ROOT / package, package)]
             if stale:
                 print("generated code is stale; run: python scripts/gen_protos.py", file=sys.stderr)
                 for name in stale:
-                    print(f"  {PACKAGE / name}", file=sys.stderr)
+                    print(f"  {name}", file=sys.stderr)
                 return 1
             print("generated code is up to date")
             return 0
-        if committed_dir.exists():
-            shutil.rmtree(committed_dir)
-        shutil.copytree(fresh_dir, committed_dir)
-        print(f"generated {len(list(committed_dir.iterdir()))} files into {PACKAGE}")
+        for package in PACKAGES:
+            committed_dir = ROOT / package
+            if committed_dir.exists():
+                shutil.rmtree(committed_dir)
+            shutil.copytree(fresh / package, committed_dir)
+            print(f"generated {len(list(committed_dir.iterdir()))} files into {package}")
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Generated from protos/snapcache/containerd (containerd's API). Do not edit."""
