@@ -75,6 +75,11 @@ class PulledImage:
     # credentials (pulled anonymously, or an anonymous request for it succeeded). False, the
     # safe default, makes an image pulled with credentials private to those credentials' users.
     anonymous_pull_allowed: bool = False
+    # Whether the disk also holds each layer's uncompressed tar as the blob named by its DiffID,
+    # from which a node makes snapshots without unpacking: "stored" (every layer), "stored for K
+    # of M layers" (the others unpack on the node), "skipped: needs N more bytes" (blobs and
+    # diffs do not fit the disk together), "" (the provider does not store diffs).
+    layer_diffs: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -326,7 +326,8 @@ class LifecycleWorker:
                         type=EventType.NORMAL,
                         reason="ImagePulled",
                         message=f"pulled {given} ({image.manifest_digest}, {image.compressed_bytes} bytes, "
-                        f"{image.uncompressed_bytes} bytes unpacked)",
+                        f"{image.uncompressed_bytes} bytes unpacked"
+                        + (f"; layer diffs {image.layer_diffs})" if image.layer_diffs else ")"),
                         attributes={
                             "image": given,
                             "normalized_image": str(image.reference),
@@ -336,6 +337,8 @@ class LifecycleWorker:
                             "compressed_bytes": str(image.compressed_bytes),
                             "uncompressed_bytes": str(image.uncompressed_bytes),
                             "requires_credentials": "true" if private else "false",
+                            # "stored", "stored for K of M layers", "skipped: needs N more bytes"
+                            **({"layer_diffs": image.layer_diffs} if image.layer_diffs else {}),
                         },
                     )
             cache = self._write(
