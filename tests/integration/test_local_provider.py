@@ -128,6 +128,7 @@ def test_pull_snapshot_provision_readable_by_skopeo(
     assert pulled[0].compressed_bytes == web.image.compressed_bytes
     assert pulled[0].uncompressed_bytes == web.image.uncompressed_bytes
     assert pulled[1].platform == Platform("linux", "amd64")
+    assert [p.layer_diffs for p in pulled] == ["stored"] * 4  # extra blobs: skopeo reads on, below
 
     done = [r.bytes_done for r in recorder.reports]
     assert done == sorted(done)  # monotonic
@@ -253,8 +254,15 @@ def test_cache_too_small_fails_before_downloading_layers(
     assert (layer, "200") not in _blob_gets(oci_registry, log_mark)  # only the 4-byte range probe
     assert (layer, "206") in _blob_gets(oci_registry, log_mark)
 
-    (pulled,) = _pull(provider, oci_registry, [reference], capacity_bytes=2 * GiB)
+    # A disk that holds the image unpacked (what the message asks for) builds, but not with the
+    # 1.4 GiB layer diff on top of the blobs: that one is skipped (and not written, which saves
+    # this test seconds).
+    capacity = zeros_image.uncompressed_bytes + 64 * 1024
+    (pulled,) = _pull(provider, oci_registry, [reference], capacity_bytes=capacity)
     assert pulled.uncompressed_bytes == zeros_image.uncompressed_bytes  # ISIZE, exactly
+    short = len(zeros_image.manifest_bytes) + zeros_image.layers[0].size - 64 * 1024
+    assert pulled.layer_diffs == f"skipped: needs {short} more bytes"
+    assert not _blob(provider.root / "builders" / "builder-1", zeros_image.layers[0].diff_id).exists()
 
 
 def test_cancelled_pull_is_retryable_and_keeps_the_disk(
