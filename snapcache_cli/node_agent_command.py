@@ -141,13 +141,27 @@ def register(subparsers: Any, *, parents: Sequence[argparse.ArgumentParser]) -> 
         "long, then pass it through (default 10; 0: never hold)",
     )
     pods.add_argument(
-        "--prefetch-containerd",
+        "--seed-containerd",
         type=Path,
         default=None,
         metavar="SOCKET",
-        help="containerd's socket: pull a pod's cached images into it (with ctr, through the mirror) "
-        "as soon as their disk is attached, while the kubelet sets up the pod (needs "
-        "--containerd-hosts-dir; default: off, the kubelet's pull alone)",
+        help="containerd's socket: as soon as a pod's disk is attached, write its cached images' layers "
+        "into containerd's overlayfs snapshotter from the disk, so the kubelet's pull downloads and "
+        "unpacks none of them (the agent needs containerd's root, /var/lib/containerd, at the same "
+        "path; default: off, containerd unpacks the layers it pulls through the mirror)",
+    )
+    pods.add_argument(
+        "--containerd-namespace",
+        default="k8s.io",
+        help="the containerd namespace of the kubelet's images (default %(default)s, the CRI plugin's)",
+    )
+    pods.add_argument(
+        "--seed-lease-seconds",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="seeded layers that no pull has used by then are left to containerd's garbage collector "
+        "(default 600)",
     )
     pods.add_argument(
         "--image-cache-default",
@@ -200,7 +214,9 @@ def _provisioning_options(args: argparse.Namespace) -> dict[str, Any]:
         "default_mode": args.image_cache_default,
         "disk_grace_seconds": args.disk_grace_seconds,
         "pending_wait_seconds": args.pending_wait_seconds,
-        "prefetch_containerd": args.prefetch_containerd,
+        "seed_containerd": args.seed_containerd,
+        "containerd_namespace": args.containerd_namespace,
+        "seed_lease_seconds": args.seed_lease_seconds,
         "client_security": client_security(args),
     }
 

@@ -5,7 +5,8 @@ blob that failed its digest (by source: a corrupt disk, or a registry that serve
 and per-pod provisioning: how long a disk took, how many pods got one, and what failed, by reason
 (the registry's ErrorInfo reason, or MATCHER_UNAVAILABLE when the pod was left to pull unasked),
 the manifest requests held for a disk on its way (``pending_images``), by outcome, and the
-pre-pulls into containerd (``runtime_prefetch``), by result, with their duration.
+seedings of images' layers into containerd (``snapshot_seeding``): their duration by result, the
+layers seeded or found there, and the bytes written.
 """
 
 from __future__ import annotations
@@ -94,11 +95,24 @@ class NodeAgentMetrics:
             ["result"],
             registry=self.registry,
         )
-        self.prefetch_seconds = Histogram(
-            "snapcache_node_agent_prefetch_seconds",
-            "Pulls of a pod's cached images into containerd started when its disk was attached, by result",
+        self._seeding_seconds = Histogram(
+            "snapcache_node_agent_seeding_seconds",
+            "Seedings of an image's layers into containerd's snapshotter from a disk, by result: "
+            "complete (every layer in place: the pull downloads none) or partial (the pull unpacks the rest)",
             ["result"],
-            buckets=(0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
+            registry=self.registry,
+        )
+        self._seeded_layers = Counter(
+            "snapcache_node_agent_seeded_layers",
+            "Layers of images on disks put into containerd's snapshotter, by how: seeded (written from "
+            "the disk's diff) or present (there already)",
+            ["how"],
+            registry=self.registry,
+        )
+        self._seeded_bytes = Counter(
+            "snapcache_node_agent_seeded_bytes",
+            "Bytes of layer diffs written from disks into containerd's snapshotter",
             registry=self.registry,
         )
         self.events_dropped = Counter(
@@ -130,6 +144,15 @@ class NodeAgentMetrics:
     def pending_wait(self, settled: bool) -> None:
         """Count one manifest request held for a disk on its way."""
         self._pending_waits.labels("settled" if settled else "timeout").inc()
+
+    def seeding(
+        self, *, complete: bool, seconds: float, seeded: int, present: int, seeded_bytes: int
+    ) -> None:
+        """Count one image's seeding into containerd."""
+        self._seeding_seconds.labels("complete" if complete else "partial").observe(seconds)
+        self._seeded_layers.labels("seeded").inc(seeded)
+        self._seeded_layers.labels("present").inc(present)
+        self._seeded_bytes.inc(seeded_bytes)
 
     def digest_failure(self, source: str) -> None:
         """Count one content that failed its digest."""

@@ -10,6 +10,10 @@ request for one of them until the round is over (the disk attached, refused, or 
 pull), for at most ``wait_seconds``: a slow provisioning delays a pull by that much at worst, and
 never makes it fail. Blobs are not held: the runtime asks for them after the manifest.
 
+Several sources publish, each its own set (``source``): the provisioning rounds (``disks``) and
+the snapshot seeder (``runtime``: an image whose layers are being written into containerd, so
+that the pull starts once they are there). A repository is pending while any source says so.
+
 Pure: a set and a condition variable, no transport.
 """
 
@@ -25,6 +29,7 @@ class PendingImages:
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._names: frozenset[str] = frozenset()
+        self._by_source: dict[str, frozenset[str]] = {}
         self._changed = threading.Condition()
         self._clock = clock
 
@@ -33,10 +38,18 @@ class PendingImages:
         """The repositories pending now."""
         return self._names
 
-    def publish(self, names: Iterable[str]) -> None:
-        """Replace the pending repositories; wake every request waiting for one that is settled."""
+    def publish(self, names: Iterable[str], *, source: str = "disks") -> None:
+        """Replace ``source``'s pending repositories; wake every request waiting for one now settled."""
         with self._changed:
-            self._names = frozenset(names)
+            self._by_source[source] = frozenset(names)
+            self._names = frozenset().union(*self._by_source.values())
+            self._changed.notify_all()
+
+    def clear(self) -> None:
+        """Nothing is pending any more, from any source (the agent is stopping)."""
+        with self._changed:
+            self._by_source.clear()
+            self._names = frozenset()
             self._changed.notify_all()
 
     def wait(self, name: str, timeout_seconds: float) -> bool | None:

@@ -131,12 +131,14 @@ class PodDisks:
         plan = self._keeper.reconcile(self.wanted())
         if plan.provision or plan.release:
             self._on_disks_changed()
-        self._on_pending(self._pending())
         for uid, state in self._pods.items():
             if state.lookup.cache_id:
                 self._tell(pods[uid], state)
             elif state.request.mode is Mode.MANUAL and state.lookup.known and state.request.wants_cache:
                 self._tell_unusable(pods[uid], state)
+        # only now: ``on_ready`` (told above) may have made the images pending for another reason
+        # (the snapshot seeder), which must be in place before this hold is lifted
+        self._on_pending(self._pending())
         return plan
 
     def _pending(self) -> frozenset[str]:

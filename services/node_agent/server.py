@@ -13,8 +13,10 @@ only this node's disks (the disk root may be shared, as the local provider's zon
 is) and holds the manifests of images whose disk is on its way (``pending_images``). A disk
 is served once the registry has said which of its cache's images are private; those are served
 only to clients their own registry lets pull them (``pull_authority``). With
-``prefetch_containerd`` the agent also pulls a pod's cached images into containerd as soon as
-their disk is attached (``runtime_prefetch``; measured slower, off by default). A restarted
+``seed_containerd`` (containerd's socket) the agent also writes a pod's cached images' layers
+into containerd's snapshotter from the disk as soon as it is attached (``snapshot_seeding``),
+holding the image's manifest in the mirror meanwhile: the kubelet's pull then downloads and
+unpacks no layer. A restarted
 agent adopts the disks it finds there under its node's ids before the first round, which waits
 for the first full list of pods: nothing is released for want of knowing.
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 import grpc
 
 from services.node_agent.containerd_hosts import write_hosts_files
+from services.node_agent.containerd_snapshots import ContainerdSnapshots
 from services.node_agent.disk_catalogue import DiskCatalogue
 from services.node_agent.disk_keeper import DiskKeeper, DiskRefusal
 from services.node_agent.hosts_toml import hosts_files
@@ -40,9 +43,9 @@ from services.node_agent.pending_images import PendingImages
 from services.node_agent.pod_disks import PodDisks
 from services.node_agent.pull_authority import PullAuthority
 from services.node_agent.registry_disks import RegistryDisks
-from services.node_agent.runtime_prefetch import RuntimePrefetch
+from services.node_agent.snapshot_seeding import SeedResult, SnapshotSeeder
 from services.node_agent.upstream import Upstream
-from snapcache.images import DEFAULT_REGISTRY, InvalidImageReference, parse_image_reference
+from snapcache.images import DEFAULT_REGISTRY
 from snapcache.kube_clients import kube_api_client
 from snapcache.pod_events import PodEvents
 from snapcache.pod_requests import PodRequest, parse_default_mode
@@ -88,8 +91,11 @@ class NodeAgentConfig:
     matcher_timeout_seconds: float = 5.0
     # a manifest of a pod's image whose disk is on its way waits this long at most, then passes through
     pending_wait_seconds: float = 10.0
-    # containerd's socket: pull a pod's cached images into it when its disk is attached (needs hosts_dir)
-    prefetch_containerd: Path | None = None
+    # containerd's socket: seed a pod's cached images' layers into its snapshotter when the disk is attached
+    seed_containerd: Path | None = None
+    containerd_namespace: str = "k8s.io"  # the CRI plugin's namespace
+    containerd_snapshotter: str = "overlayfs"  # the CRI plugin's snapshotter (only overlayfs is seeded)
+    seed_lease_seconds: float = 600.0  # seeded snapshots no pull has referenced are collected after this
     client_security: ClientSecurity = PLAINTEXT_CHANNEL  # TLS/token to the matcher and the registry
 
     @property
@@ -119,8 +125,10 @@ class NodeAgentConfig:
                 self.reconcile_seconds,
                 self.matcher_timeout_seconds,
             )
-            if self.prefetch_containerd is not None and self.hosts_dir is None:
-                raise ValueError("prefetching into containerd needs containerd's hosts directory")
+            if self.seed_containerd is not None and self.containerd_snapshotter != "overlayfs":
+                raise ValueError("only containerd's overlayfs snapshotter can be seeded")
+            if self.seed_lease_seconds <= 0:
+                raise ValueError("seed_lease_seconds must be > 0")
             if self.pending_wait_seconds < 0:
                 raise ValueError("pending_wait_seconds must be >= 0")
             if min(positive) <= 0:
@@ -182,7 +190,8 @@ class NodeAgentApp:
         self._registry_channel: grpc.Channel | None = None
         self._registry_disks: RegistryDisks | None = None
         self._private_by_cache: dict[str, frozenset[str]] = {}
-        self.prefetch: RuntimePrefetch | None = None
+        self.seeder: SnapshotSeeder | None = None
+        self._containerd: ContainerdSnapshots | None = None
         if config.provisioning:
             self._kube = kube_api_client(
                 kubeconfig=config.kubeconfig, in_cluster=config.in_cluster, retries=3
@@ -228,13 +237,18 @@ class NodeAgentApp:
             thread_name="node-agent-pod-events",
             on_dropped=self.metrics.events_dropped.inc,
         )
-        if config.prefetch_containerd is not None and config.hosts_dir is not None:
-            self.prefetch = RuntimePrefetch(
-                address=config.prefetch_containerd,
-                hosts_dir=config.hosts_dir,
-                on_done=lambda _image, ok, seconds: self.metrics.prefetch_seconds.labels(
-                    "ok" if ok else "failed"
-                ).observe(seconds),
+        if config.seed_containerd is not None:
+            self._containerd = ContainerdSnapshots(
+                config.seed_containerd,
+                namespace=config.containerd_namespace,
+                snapshotter=config.containerd_snapshotter,
+            )
+            self.seeder = SnapshotSeeder(
+                runtime=self._containerd,
+                disks=self.catalogue,
+                lease_seconds=config.seed_lease_seconds,
+                on_pending=lambda names: self.pending.publish(names, source="runtime"),
+                on_done=self._seeded,
             )
         self.pod_disks = PodDisks(
             keeper=self.keeper,
@@ -246,7 +260,7 @@ class NodeAgentApp:
             on_failure=self.metrics.provisioning_failure,
             on_disks_changed=self._disks_changed,
             on_pending=self.pending.publish,
-            on_ready=self._prefetch,
+            on_ready=self._seed,
         )
         self.pods = NodePods(self._kube, node=config.node_name, on_change=self._wake.set)
 
@@ -284,18 +298,19 @@ class NodeAgentApp:
             self._provisioner.start()
         return self
 
-    def _prefetch(self, request: PodRequest) -> None:
-        """Pre-pull the pod's images that its disk holds (the others the kubelet pulls as usual)."""
-        if self.prefetch is None:
-            return
-        cached = []
-        for image in request.images:
-            try:
-                if self.catalogue.manifests(parse_image_reference(image)):
-                    cached.append(image)
-            except InvalidImageReference:
-                continue
-        self.prefetch.submit(cached)
+    def _seed(self, request: PodRequest) -> None:
+        """Seed the runtime with the pod's images that its disk holds (the others are pulled as usual)."""
+        if self.seeder is not None:
+            self.seeder.submit(request.images)
+
+    def _seeded(self, result: SeedResult) -> None:
+        self.metrics.seeding(
+            complete=result.complete,
+            seconds=result.seconds,
+            seeded=result.seeded,
+            present=result.present,
+            seeded_bytes=result.bytes,
+        )
 
     def _disks_changed(self) -> None:
         # before the pods are told: a pod told its disk is ready finds it served, and its private
@@ -366,15 +381,17 @@ class NodeAgentApp:
         """Stop serving, refreshing and provisioning (disks stay: a restart adopts them)."""
         self._stop.set()
         self._wake.set()
-        self.pending.publish(())  # no request waits for a round that will not come
+        self.pending.clear()  # no request waits for a round that will not come
         if self.pods is not None:
             self.pods.stop()
         if self._provisioner is not None:
             self._provisioner.join(timeout=15)
         if self.events is not None:
             self.events.stop()
-        if self.prefetch is not None:
-            self.prefetch.close()
+        if self.seeder is not None:
+            self.seeder.close()
+        if self._containerd is not None:
+            self._containerd.close()
         if self._matcher is not None:
             self._matcher.close()
         if self._registry_channel is not None:
