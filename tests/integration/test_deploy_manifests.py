@@ -426,16 +426,24 @@ def test_the_node_agent_runs_on_every_node_with_args_the_cli_accepts(
     assert flag_port(parsed.metrics_listen) == ports["metrics"]
     for key in ("readinessProbe", "livenessProbe"):
         assert container[key]["tcpSocket"] == {"host": "127.0.0.1", "port": ports["mirror"]}
-    # root only to write hosts.toml in the host's root-owned directory; no capability, no escalation
+    # root to write hosts.toml in the host's root-owned directory; only the capabilities writing
+    # image layers into containerd's snapshots needs (seeding), no escalation
     security = container["securityContext"]
-    assert security["capabilities"] == {"drop": ["ALL"]} and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"] and security["allowPrivilegeEscalation"] is False
+    assert set(security["capabilities"]["add"]) == {
+        "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "MKNOD", "SETFCAP", "SYS_ADMIN"
+    }  # fmt: skip
     assert security["readOnlyRootFilesystem"] is True and security.get("privileged", False) is False
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
     assert mounts[str(parsed.disk_root)]["readOnly"] is True  # the registry provisions, the agent reads
     writable = [path for path, mount in mounts.items() if not mount.get("readOnly")]
-    assert writable == [str(parsed.containerd_hosts_dir)]
+    # containerd's socket directory and its root, at the paths containerd gives snapshots under
+    assert writable == [str(parsed.containerd_hosts_dir), "/run/containerd", "/var/lib/containerd"]
+    assert str(parsed.seed_containerd) == "/run/containerd/containerd.sock"
     volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    for path in ("/run/containerd", "/var/lib/containerd"):
+        assert volumes[mounts[path]["name"]]["hostPath"]["path"] == path
     assert (
         volumes[mounts[str(parsed.containerd_hosts_dir)]["name"]]["hostPath"]["path"]
         == "/etc/containerd/certs.d"
