@@ -7,8 +7,8 @@ upstream ``docker-registry`` whose access log tells every blob it served; the ca
 Two caches: ``demo/big:1.0`` (~200 MiB in five layers) and ``demo/small:1.0`` with
 ``demo/small2:1.0`` (small layers). Every image has a ``/pause`` top layer, so its container really runs. A third cache
 holds ``team/secret:1.0`` from a registry with htpasswd auth, built with the namespace's pull
-Secret (so it is recorded as private). Between tests images are removed from containerd, so each
-pod pulls.
+Secret (so it is recorded as private). The agent seeds containerd's snapshots from the disks, as
+deployed. Between tests images (and seeded snapshots) are removed from containerd, so each pod pulls.
 """
 
 from __future__ import annotations
@@ -114,6 +114,8 @@ def test_a_cached_pod_runs_with_no_blob_from_upstream_and_an_uncached_one_pulls(
     assert not [n for n in stack.node.image_names() if "demo/big" in n]
 
     served_before = stack.agent.metric("snapcache_node_agent_served_bytes_total", source="disk")
+    seeded_before = stack.agent.metric("snapcache_node_agent_seeded_layers_total", how="seeded")
+    seeded_bytes_before = stack.agent.metric("snapcache_node_agent_seeded_bytes_total")
     accelerated_before = stack.agent.metric("snapcache_node_agent_pods_accelerated_total")
     since = len(stack.upstream.read_log())
     cached = unique("cached")
@@ -128,8 +130,17 @@ def test_a_cached_pod_runs_with_no_blob_from_upstream_and_an_uncached_one_pulls(
         what="the agent's event",
     )
     assert "ImageCacheDiskReady" in reasons
+    # every layer was written into containerd's snapshotter from the disk's diffs while the kubelet
+    # set up the sandbox: its pull fetched the manifest and config (from the disk) and no layer
+    layers = stack.images["demo/big:1.0"].layers
+    assert stack.agent.metric(
+        "snapcache_node_agent_seeded_layers_total", how="seeded"
+    ) - seeded_before == len(layers)
+    seeded_bytes = stack.agent.metric("snapcache_node_agent_seeded_bytes_total") - seeded_bytes_before
+    assert seeded_bytes >= sum(layer.uncompressed_size for layer in layers)
+    assert stack.agent.metric("snapcache_node_agent_seeding_seconds_count", result="complete") >= 1
     served = stack.agent.metric("snapcache_node_agent_served_bytes_total", source="disk") - served_before
-    assert served >= own_layers
+    assert 0 < served < 64 * 1024  # the manifest and the config
     assert stack.agent.metric("snapcache_node_agent_pods_accelerated_total") == accelerated_before + 1
     assert stack.agent.metric("snapcache_node_agent_disks_attached") == 1
     assert stack.agent.metric("snapcache_node_agent_provisioning_seconds_count") >= 1
@@ -182,10 +193,13 @@ def test_a_corrupt_blob_on_the_disk_is_detected_and_not_served(clean: NodeStack)
     stack.wait_running(holder)
     (disk,) = stack.disk_dirs()
     victim = stack.images["demo/small2:1.0"].layers[1]  # 256 KiB: checked whole before it is sent
-    blob = stack.disk_root / disk / "blobs" / "sha256" / victim.digest.removeprefix("sha256:")
-    replacement = blob.with_name(".corrupt")
-    replacement.write_bytes(b"\0" * victim.size)  # same size, other bytes; the zone's copy is untouched
-    replacement.replace(blob)
+    # both forms of the layer on the disk: the diff the agent seeds containerd from (the seeding
+    # stops there, the layers below it seeded) and the blob the mirror serves the pull for the rest
+    blobs = stack.disk_root / disk / "blobs" / "sha256"
+    for digest, size in ((victim.digest, victim.size), (victim.diff_id, victim.uncompressed_size)):
+        replacement = blobs / ".corrupt"
+        replacement.write_bytes(b"\0" * size)  # same size, other bytes; the zone's copy is untouched
+        replacement.replace(blobs / digest.removeprefix("sha256:"))
     # the agent sees the disk changed (blob directory's mtime) and reads it anew, which forgets the
     # disk's bad marks: let that happen first (rescans every 0.5 s) so the mark counted stays
     time.sleep(1.5)
@@ -196,8 +210,9 @@ def test_a_corrupt_blob_on_the_disk_is_detected_and_not_served(clean: NodeStack)
     stack.wait_running(user)
     # only the corrupt blob came from upstream; the good ones from the disk
     assert stack.upstream_blob_gets(since, "demo/small2") == [victim.digest]
-    assert stack.agent.metric("snapcache_node_agent_digest_failures_total", source="disk") == failures + 1
-    assert stack.agent.metric("snapcache_node_agent_bad_blobs") == 1
+    assert stack.agent.metric("snapcache_node_agent_digest_failures_total", source="disk") == failures + 2
+    assert stack.agent.metric("snapcache_node_agent_bad_blobs") == 2
+    assert stack.agent.metric("snapcache_node_agent_seeding_seconds_count", result="partial") >= 1
     assert stack.live_disks(cache_id) == [disk]
 
 

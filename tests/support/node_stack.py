@@ -275,7 +275,8 @@ class NodeStack:
         """Remove stopped containers, then the images, their content and snapshots: the next pod pulls.
 
         A container keeps its image's snapshots, and containerd skips fetching a layer whose
-        snapshot exists: a pull after that downloads nothing, from the mirror or anywhere.
+        snapshot exists: a pull after that downloads nothing, from the mirror or anywhere. The
+        agent's seeding leases go too, which frees the snapshots it seeded and no pull used.
         """
         node = self.node
         deadline = time.monotonic() + 60  # the kubelet stops a deleted pod's containers in its own time
@@ -290,6 +291,13 @@ class NodeStack:
                 node.ctr("containers", "rm", *stopped, check=False)
             for repository_tag in repository_tags:
                 node.remove_image(self.reference(repository_tag, host=host))
+            # the agent's seeded snapshots are held by leases until a pull references them
+            seeded = [
+                line.split()[0] for line in node.ctr("leases", "ls").stdout.splitlines()[1:] if line.strip()
+            ]
+            seeded = [lease for lease in seeded if lease.startswith("snapcache-seed-")]
+            if seeded:
+                node.ctr("leases", "rm", "--sync", *seeded, check=False)
             snapshots = set(node.ctr("snapshots", "ls").stdout.split())
             if not any(chain_ids(self.images[r]) & snapshots for r in repository_tags):
                 return
@@ -340,6 +348,7 @@ def running_node_stack(
     private_images: Sequence[ImageSpec] = (),
     limit_bits_per_second: float = 0.0,
     grace_seconds: float = 2.0,
+    seed_containerd: bool = True,
     agent_args: Sequence[str] = (),
 ) -> Iterator[NodeStack]:
     """The whole stack around a real node (see the module docstring); everything stopped on exit.
@@ -347,6 +356,7 @@ def running_node_stack(
     ``private_images`` go to a second registry with htpasswd auth (``PRIVATE_USER``); the stack's
     namespace gets a dockerconfigjson Secret ``PULL_SECRET`` for it, and a ``CacheSpec`` with
     ``private=True`` is built with that Secret (the cache records its images as private).
+    ``seed_containerd``: the agent seeds containerd's snapshots from the disks, as deployed.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
@@ -483,6 +493,7 @@ def running_node_stack(
                 str(kubeconfig),
                 "--disk-grace-seconds",
                 str(grace_seconds),
+                *(["--seed-containerd", str(node.containerd_socket)] if seed_containerd else []),
                 *agent_args,
             ],
             log_path=workdir / "node-agent.log",
