@@ -18,8 +18,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from services.node_agent.overlay_layers import AppliedLayer, LayerCorrupt, LayerRefused, apply_layer
+from services.node_agent.overlay_layers import AppliedLayer, LayerCorrupt, LayerRefused, _headers, apply_layer
 
 T = 1_700_000_000
 NS = 1_000_000_000
@@ -288,7 +290,6 @@ def test_missing_parents_take_the_nearest_lower_directorys_metadata(tmp_path: Pa
     near, far = tmp_path / "near", tmp_path / "far"
     (near / "a").mkdir(parents=True)
     (far / "a" / "b").mkdir(parents=True)
-    (far / "other").mkdir()
     os.chown(near / "a", 11, 12)
     os.chmod(near / "a", 0o2710)
     os.utime(near / "a", ns=(T * NS, T * NS))
@@ -296,7 +297,7 @@ def test_missing_parents_take_the_nearest_lower_directorys_metadata(tmp_path: Pa
     os.setxattr(near / "a", "trusted.overlay.opaque", b"y")
     os.chown(far / "a" / "b", 21, 22)
     os.chmod(far / "a" / "b", 0o750)
-    os.symlink("/other", near / "link")  # resolved inside the lower, as containerd does
+    os.symlink("/a", near / "link")  # resolved inside the lower, as containerd does: near/a
     upper, _ = apply(
         tmp_path,
         [entry("a/b/c/f", data=b"f"), entry("link/g", data=b"g")],
@@ -309,8 +310,8 @@ def test_missing_parents_take_the_nearest_lower_directorys_metadata(tmp_path: Pa
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o750, 21, 22)
     st = os.lstat(upper / "a" / "b" / "c")
     assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o755, 0)
-    assert os.lstat(upper / "link").st_uid == 0  # "link" is no directory in upper; far/other is not it
-    assert stat.S_IMODE(os.lstat(upper / "link").st_mode) == 0o755
+    st = os.lstat(upper / "link")
+    assert (stat.S_ISDIR(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid) == (True, 0o2710, 11)
 
 
 @pytest.fixture
@@ -491,14 +492,46 @@ def test_an_overlay_whiteout_over_an_entry_of_the_layer_is_refused_as_containerd
         apply(tmp_path, [entry("f", data=b"x"), entry(".wh.f")], lowers=[lower])
 
 
-def test_headers_tarfile_and_go_read_differently_are_refused(tmp_path: Path) -> None:
-    with_global = tar_bytes([entry("f", data=b"x")], pax_headers={"comment": "global"})
-    gnu = bytearray(tar_bytes([entry("f", data=b"x")], format=tarfile.GNU_FORMAT))
-    gnu[345:357] = b"14567654321\0"  # a GNU atime: tarfile would read it as a name prefix
-    gnu[148:156] = b"        "
-    gnu[148:156] = b"%06o\0 " % sum(gnu[:512])
-    bad_sparse = tar_bytes([entry("s", data=b"x", pax={"GNU.sparse.major": "1", "GNU.sparse.minor": "0"})])
-    contents = [with_global, bytes(gnu), bad_sparse]  # bad_sparse: tarfile raises ValueError
+def rechecksummed(block: bytearray) -> bytearray:
+    fix_checksum(memoryview(block)[:512])
+    return block
+
+
+def fix_checksum(header: memoryview) -> None:
+    header[148:156] = b"        "
+    header[148:156] = b"%06o\0 " % sum(header)
+
+
+def test_header_layouts_are_read_as_go_reads_them(tmp_path: Path) -> None:
+    deep = "p" * 90 + "/" + "q" * 60  # USTAR: split into prefix and name
+    ustar = tar_bytes([entry(deep, data=b"ustar")], format=tarfile.USTAR_FORMAT)
+    gnu = tar_bytes(
+        [entry("g/" + "n" * 150, data=b"long", uid=3_000_000, mtime=T)], format=tarfile.GNU_FORMAT
+    )  # a GNU long name; the uid in base-256
+    with_atime = rechecksummed(
+        bytearray(tar_bytes([entry("a", data=b"a", mtime=T)], format=tarfile.GNU_FORMAT))
+    )
+    with_atime[345:357] = b"%011o\0" % (T + 50)
+    with_atime = rechecksummed(with_atime)
+    old_go = bytearray(tar_bytes([entry("b", data=b"b")], format=tarfile.GNU_FORMAT))
+    old_go[345:348] = b"dir"  # a pre-Go1.8 writer's USTAR prefix where GNU keeps atime
+    old_go = rechecksummed(old_go)
+    # A global header is an entry of its own: its records do not apply to later entries.
+    with_global = tar_bytes([entry("c", data=b"c")], pax_headers={"uid": "77", "comment": "x"})
+    for number, content in enumerate((ustar, gnu, bytes(with_atime), bytes(old_go), with_global)):
+        diff, diff_id = write_layer(tmp_path, content)
+        upper = tmp_path / f"upper-{number}"
+        upper.mkdir()
+        apply_layer(diff, upper, diff_id=diff_id, lowers=())
+    assert (tmp_path / "upper-0" / deep).read_bytes() == b"ustar"
+    assert os.lstat(tmp_path / "upper-1" / "g" / ("n" * 150)).st_uid == 3_000_000
+    assert os.lstat(tmp_path / "upper-2" / "a").st_atime_ns == (T + 50) * NS
+    assert os.lstat(tmp_path / "upper-2" / "a").st_mtime_ns == T * NS
+    assert (tmp_path / "upper-3" / "dir" / "b").read_bytes() == b"b"
+    assert os.listdir(tmp_path / "upper-4") == ["c"] and os.lstat(tmp_path / "upper-4" / "c").st_uid == 0
+
+
+def test_sparse_files_are_refused(tmp_path: Path) -> None:
     sparse = tmp_path / "sparse"
     sparse.mkdir()
     with open(sparse / "holes", "wb") as holes:
@@ -510,15 +543,11 @@ def test_headers_tarfile_and_go_read_differently_are_refused(tmp_path: Path) -> 
         subprocess.run(
             ["tar", f"--format={tar_format}", "-S", "-C", sparse, "-cf", archive, "holes"], check=True
         )
-        contents.append(archive.read_bytes())
-    for number, content in enumerate(contents):
-        work = tmp_path / str(number)
-        work.mkdir()
-        diff, diff_id = write_layer(work, content)
-        (work / "upper").mkdir()
-        with pytest.raises(LayerRefused) as refused:
-            apply_layer(diff, work / "upper", diff_id=diff_id, lowers=())
-        assert not isinstance(refused.value, LayerCorrupt)
+        upper = tmp_path / f"upper-{tar_format}"
+        upper.mkdir()
+        diff_id = "sha256:" + hashlib.sha256(archive.read_bytes()).hexdigest()
+        with pytest.raises(LayerRefused, match="sparse"):
+            apply_layer(archive, upper, diff_id=diff_id, lowers=())
 
 
 def test_a_truncated_or_garbled_tar_is_refused_even_when_its_hash_matches(tmp_path: Path) -> None:
@@ -565,6 +594,15 @@ def test_empty_layers_apply_to_nothing(tmp_path: Path) -> None:
         assert (applied.entries, applied.bytes, os.listdir(work / "upper")) == (0, 0, [])
 
 
+def test_the_archive_may_end_without_its_last_padding_as_go_reads_it(tmp_path: Path) -> None:
+    whole = tar_bytes([entry("f", data=b"x" * 700)])
+    diff, diff_id = write_layer(tmp_path, whole[: 512 + 700])  # no padding, no end-of-archive blocks
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    assert apply_layer(diff, upper, diff_id=diff_id, lowers=()).entries == 1
+    assert (upper / "f").read_bytes() == b"x" * 700
+
+
 def test_caller_mistakes_are_value_errors(tmp_path: Path) -> None:
     diff, diff_id = write_layer(tmp_path, tar_bytes([]))
     upper = tmp_path / "upper"
@@ -588,3 +626,128 @@ def test_data_is_copied_across_filesystems(tmp_path: Path) -> None:
         upper.mkdir()
         apply_layer(diff, upper, diff_id=diff_id, lowers=())
     assert (upper / "f").read_bytes() == data and (upper / "g").read_bytes() == b"small"
+
+
+# -- the reader against tarfile, and hostile bytes -------------------------------------------------
+
+segment = st.text(st.characters(codec="utf-8", exclude_characters="\0/"), min_size=1, max_size=40)
+KINDS = [
+    tarfile.REGTYPE,
+    tarfile.DIRTYPE,
+    tarfile.SYMTYPE,
+    tarfile.LNKTYPE,
+    tarfile.CHRTYPE,
+    tarfile.FIFOTYPE,
+]
+
+
+@st.composite
+def archives(draw: st.DrawFn) -> tuple[int, list[Entry]]:
+    tar_format = draw(st.sampled_from([tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT]))
+    entries = []
+    for _ in range(draw(st.integers(1, 6))):
+        kind = draw(st.sampled_from(KINDS))
+        entries.append(
+            entry(
+                "/".join(draw(st.lists(segment, min_size=1, max_size=4))),
+                kind,
+                data=draw(st.binary(max_size=1500)),
+                mode=draw(st.integers(0, 0o7777)),
+                uid=draw(
+                    st.integers(0, 2**21 - 1)
+                    if tar_format == tarfile.USTAR_FORMAT
+                    else st.integers(0, 2**32 - 2)
+                ),
+                gid=draw(st.integers(0, 2**21 - 1)),
+                mtime=draw(st.integers(0, 8**11 - 1)),
+                linkname=draw(segment) if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else "",
+                device=(draw(st.integers(0, 4095)), draw(st.integers(0, 2**20 - 1))),
+            )
+        )
+    return tar_format, entries
+
+
+@settings(max_examples=200, deadline=None)
+@given(archives())
+def test_the_reader_agrees_with_tarfile_on_what_tarfile_writes(archive: tuple[int, list[Entry]]) -> None:
+    tar_format, entries = archive
+    try:
+        content = tar_bytes(entries, format=tar_format)
+    except ValueError:  # USTAR cannot hold every name
+        return
+    fd = os.memfd_create("layer")
+    try:
+        os.write(fd, content)
+        ours = list(_headers(fd, len(content)))
+    finally:
+        os.close(fd)
+    with tarfile.open(
+        fileobj=io.BytesIO(content), encoding="utf-8", errors="surrogateescape"
+    ) as reference_tar:
+        theirs = reference_tar.getmembers()
+    assert len(ours) == len(theirs)
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert mine.kind == reference.type
+        assert mine.name.rstrip(b"/") == reference.name.encode("utf-8", "surrogateescape")
+        assert mine.linkname == reference.linkname.encode("utf-8", "surrogateescape")
+        assert (mine.mode, mine.uid, mine.gid) == (reference.mode, reference.uid, reference.gid)
+        assert mine.mtime == int(reference.mtime) * NS and mine.atime is None
+        assert (mine.data, mine.size if reference.isreg() else 0) == (reference.offset_data, reference.size)
+        if reference.ischr():
+            assert (mine.devmajor, mine.devminor) == (reference.devmajor, reference.devminor)
+
+
+BASE = tar_bytes(
+    [
+        entry("d/", tarfile.DIRTYPE, mode=0o755),
+        entry("d/f", data=b"data" * 300, uid=5),
+        entry("d/l", tarfile.SYMTYPE, linkname="f"),
+        entry("d/h", tarfile.LNKTYPE, linkname="d/f"),
+        entry("d/.wh.x"),
+        entry("o/.wh..wh..opq"),
+        entry("p" * 120, data=b"long name", pax={"SCHILY.xattr.user.a": "b", "mtime": f"{T}.5"}),
+        entry("c", tarfile.CHRTYPE, device=(1, 3)),
+    ]
+)
+
+
+def header_offsets(content: bytes) -> list[int]:
+    found, offset = [], 0
+    while content[offset : offset + 512].strip(b"\0"):
+        found.append(offset)
+        size, kind = int(content[offset + 124 : offset + 136].strip(b" \0") or b"0", 8), content[offset + 156]
+        offset += 512 + (0 if chr(kind) in "123456" else -(-size // 512) * 512)
+    return found
+
+
+HEADERS = header_offsets(BASE)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(HEADERS), st.integers(0, 511), st.integers(0, 255)), min_size=1, max_size=4
+    ),
+    st.booleans(),
+)
+def test_hostile_headers_are_applied_or_refused_and_never_written_outside(
+    changes: list[tuple[int, int, int]], with_lowers: bool
+) -> None:
+    content = bytearray(BASE)
+    for header, position, value in changes:
+        content[header + position] = value
+    for header in HEADERS:  # with valid checksums, so the fields themselves are what is tried
+        fix_checksum(memoryview(content)[header : header + 512])
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        victim, lower, upper = work / "victim", work / "lower", work / "upper"
+        for path in (victim, lower, upper):
+            path.mkdir()
+        (victim / "secret").write_text("s")
+        diff, diff_id = write_layer(work, bytes(content))
+        try:
+            apply_layer(diff, upper, diff_id=diff_id, lowers=[lower] if with_lowers else ())
+        except LayerRefused as refused:
+            assert not isinstance(refused, LayerCorrupt)
+        assert os.listdir(victim) == ["secret"] and os.listdir(lower) == []
+        assert sorted(os.listdir(work)) == ["diff.tar", "lower", "upper", "victim"]
