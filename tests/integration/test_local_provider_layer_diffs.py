@@ -11,10 +11,9 @@ import hashlib
 import io
 import json
 import tarfile
-import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from snapcache.images import ImageReference
 from snapcache.v1 import cache_registry_pb2 as api
 from snapcache.v1 import cache_registry_pb2_grpc as api_grpc
 from snapcache.v1 import image_cache_pb2 as pb
+from tests.integration.test_local_provider import _no_thread_leaks  # noqa: F401  (autouse: no pull thread outlives a test)
 from tests.support.oci_fixtures import OciRegistry, PushedImages
 
 GiB = 1024**3
@@ -563,13 +563,3 @@ def test_the_build_event_says_whether_diffs_were_stored(
                 assert _verified(Path(disk.location), layer.diff_id)
     finally:
         app.stop(0)
-
-
-@pytest.fixture(autouse=True)
-def _no_thread_leaks() -> Iterator[None]:
-    before = set(threading.enumerate())
-    yield
-    leaked = [
-        t for t in threading.enumerate() if t not in before and t.is_alive() and t.name.startswith("pull")
-    ]
-    assert leaked == []
