@@ -5,6 +5,13 @@ twice would double the extender's share of every pod's scheduling time. Answers 
 UID for a short TTL (a few seconds: long enough for one cycle, short enough that the next cycle
 sees new caches). A pod retried over many cycles is counted as a hit once: the first match of a
 UID records the hit, later ones are previews (`validate_only`).
+
+Expired answers are dropped as new ones come in, not kept until the bound pushes them out: each
+answer is a handful of objects the cyclic collector tracks, and a cache that only ever filled up
+(10,000 answers, every pod a new UID) kept the collector busy: the young generation filled with
+survivors, so collections ran during requests, and a full one walked every kept answer (15 ms to
+55 ms at 8,000 answers, on the request that triggered it; bench/extender.py counts them). Dropped
+as they expire, the cache holds the last TTL's pods only, and as many answers leave as arrive.
 """
 
 from __future__ import annotations
@@ -49,12 +56,21 @@ class DecisionCache:
             return entry[1]
 
     def put(self, uid: str, answer: MatchAnswer) -> None:
-        """Keep ``answer`` for ``uid`` for the TTL."""
+        """Keep ``answer`` for ``uid`` for the TTL; answers expired by now are dropped."""
         with self._lock:
-            self._answers[uid] = (self._clock() + self._ttl, answer)
+            now = self._clock()
+            self._answers[uid] = (now + self._ttl, answer)
             self._answers.move_to_end(uid)
-            while len(self._answers) > self._max:
-                self._answers.popitem(last=False)
+            # Oldest first (every put moves its entry to the end with the same TTL), so the
+            # expired ones are at the front: amortised one check per put.
+            answers = self._answers
+            while answers and (len(answers) > self._max or next(iter(answers.values()))[0] < now):
+                answers.popitem(last=False)
+
+    def __len__(self) -> int:
+        """Answers kept (expired ones included until the next `put`)."""
+        with self._lock:
+            return len(self._answers)
 
     def first_match(self, uid: str) -> bool:
         """True if no match of ``uid`` was counted yet (the caller then records a hit)."""

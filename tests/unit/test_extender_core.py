@@ -243,6 +243,21 @@ def test_decision_cache_expires_and_counts_once() -> None:
     assert not cache.first_match("u1")
 
 
+def test_decision_cache_drops_expired_answers_as_new_ones_come() -> None:
+    # Pods that are never asked about again (each has its UID) leave with the TTL, not with the
+    # bound: the collector would otherwise walk thousands of dead answers (decisions module).
+    now = [0.0]
+    cache = DecisionCache(ttl_seconds=5, max_entries=10_000, clock=lambda: now[0])
+    for second in range(20):
+        now[0] = float(second)
+        cache.put(f"u{second}", answer())
+    assert len(cache) == 6  # put at 14..19 s; the one from 14 s expires after 19 s
+    assert [cache.get(f"u{second}") for second in (13, 14, 19)] == [None, answer(), answer()]
+    now[0] = 30.0
+    cache.put("late", answer())
+    assert len(cache) == 1
+
+
 @dataclass
 class Recorder:
     answers: list[MatchAnswer]
