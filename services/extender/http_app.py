@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 
@@ -78,6 +78,16 @@ def http_status(error: SnapcacheError) -> int:
 
 def _error_body(status: int, message: str, reason: str = "") -> bytes:
     return orjson.dumps({"Error": message, "reason": reason, "code": status})
+
+
+class Routes(Protocol):
+    """What the HTTP server answers with: `ExtenderRoutes`, or the benchmark's empty handler."""
+
+    def post(self, path: str, body: bytes) -> tuple[int, str, bytes]:
+        """Answer a POST: (status, content type, body)."""
+
+    def get(self, path: str) -> tuple[int, str, bytes]:
+        """Answer a GET: (status, content type, body)."""
 
 
 class ExtenderRoutes:
@@ -294,7 +304,7 @@ class ExtenderHTTPServer(ThreadingHTTPServer):
     def __init__(
         self,
         address: tuple[str, int],
-        routes: ExtenderRoutes,
+        routes: Routes,
         *,
         max_body_bytes: int,
         socket_timeout: float,
