@@ -30,6 +30,7 @@ from services.node_agent.snapshot_seeding import (
     snapshot_directories,
 )
 from snapcache.images import parse_image_reference
+from tests.support.waiting import eventually
 
 IMAGE = "registry.example/team/app:1.0"
 
@@ -318,7 +319,9 @@ def test_the_images_repository_is_pending_while_it_is_seeded_and_released_after(
     release.set()
     assert pending.wait("registry.example/team/app", 5) is True
     assert pending.names == {"registry.example/team/other"}  # the other source's hold stays
-    assert done and done[0].complete
+    # the hold is lifted first (the kubelet waits on it), then the result is reported
+    (result,) = eventually(lambda: done, what="the seeding reported")
+    assert result.complete
     assert seen_while_seeding[0] >= {"registry.example/team/app"}
     seeder.close()
 
