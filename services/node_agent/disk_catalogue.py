@@ -87,7 +87,8 @@ def _sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _is_sha256(value: object) -> bool:
+def is_sha256(value: object) -> bool:
+    """Whether ``value`` is a ``sha256:<64 lowercase hex>`` digest."""
     if not isinstance(value, str) or not value.startswith("sha256:"):
         return False
     hex_part = value[len("sha256:") :]
@@ -150,7 +151,7 @@ class _DiskReader:
         annotations = entry.get("annotations")
         ref_name = annotations.get(REF_NAME_ANNOTATION) if isinstance(annotations, dict) else None
         digest = entry.get("digest")
-        if not isinstance(ref_name, str) or not _is_sha256(digest):
+        if not isinstance(ref_name, str) or not is_sha256(digest):
             return
         try:
             reference = parse_image_reference(ref_name)
@@ -175,7 +176,7 @@ class _DiskReader:
             if not isinstance(descriptor, dict):
                 continue
             blob_digest, size = descriptor.get("digest"), descriptor.get("size")
-            if _is_sha256(blob_digest) and isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+            if is_sha256(blob_digest) and isinstance(size, int) and not isinstance(size, bool) and size >= 0:
                 assert isinstance(blob_digest, str)
                 self.disk.blobs[(name, blob_digest)] = size
         # the manifest itself is a blob of the repository too (some clients fetch it that way)
@@ -209,7 +210,7 @@ class _DiskReader:
             return
         for path in candidates:
             digest = f"sha256:{path.name}"
-            if not _is_sha256(digest):
+            if not is_sha256(digest):
                 continue
             try:
                 if path.stat().st_size > MAX_MANIFEST_BYTES:

@@ -52,8 +52,9 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from services.node_agent.containerd_snapshots import Mount, RuntimeUnavailable
-from services.node_agent.disk_catalogue import MANIFEST_TYPES, DiskManifest, open_regular
+from services.node_agent.disk_catalogue import MANIFEST_TYPES, DiskManifest, is_sha256, open_regular
 from services.node_agent.overlay_layers import AppliedLayer, LayerCorrupt, LayerRefused, apply_layer
+from services.node_agent.verification import digest_of
 from snapcache.images import ImageReference, InvalidImageReference, parse_image_reference
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def _read_verified(path: Path, digest: str, limit: int) -> bytes:
             data = file.read(limit + 1)
     finally:
         os.close(fd)
-    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+    if digest_of(data) != digest:
         raise SeedingStopped(f"{path.name} on the disk does not match its digest {digest}")
     return data
 
@@ -197,10 +198,9 @@ def _json(data: bytes, what: str) -> dict[str, Any]:
 
 
 def _digest(value: Any) -> str:
-    if not isinstance(value, str) or not value.startswith("sha256:") or len(value) != 71:
+    if not is_sha256(value):
         raise SeedingStopped(f"not a sha256 digest: {str(value)[:80]!r}")
-    if value[7:].strip("0123456789abcdef"):
-        raise SeedingStopped(f"not a sha256 digest: {value[:80]!r}")
+    assert isinstance(value, str)
     return value
 
 
